@@ -1,0 +1,202 @@
+"""Generate audio from text prompts: a run of train.py, or released MusicGen weights.
+
+    python sample.py --ckpt runs/toy "three high-pitched beeps" "noise"
+    python sample.py --musicgen DIR --t5 T5DIR --duration 8 "lo-fi hip hop with a mellow piano"
+
+One wav per prompt in --out (default RUN/samples, or ./samples with --musicgen). DIR holds audiocraft's
+released `state_dict.bin` (LM) and `compression_state_dict.bin` (EnCodec); T5DIR a local HF T5 directory
+(t5-base for MusicGen, PAPER.md §5).
+"""
+import argparse
+import math
+import os
+import pickle
+import re
+
+import torch
+
+import lm as LM
+
+
+def _need_file(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _load(path, what):
+    """torch.load (weights only, memory-mapped: cheap even for big checkpoints) with a clear error."""
+    try:
+        return torch.load(_need_file(path, what), map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({str(e).splitlines()[0][:200]})") from None
+
+
+def lm_from_checkpoint(ckpt, source, device="cpu", use_ema=True):
+    """AudioLM from a train.py lm.pt dict; the EMA weights unless use_ema=False or absent."""
+    if not isinstance(ckpt, dict) or "lm_config" not in ckpt or "lm" not in ckpt:
+        raise ValueError(f"{source}: expected a train.py lm.pt with 'lm_config' and 'lm' entries")
+    try:
+        cfg = LM.lm_config(ckpt["lm_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: bad lm_config {ckpt['lm_config']}: {e}") from None
+    which = "lm_ema" if use_ema and ckpt.get("lm_ema") else "lm"
+    lm = LM.lm_from_state_dict(cfg, ckpt[which], f"{source} [{which}]")
+    return lm.to(device).eval()
+
+
+def check_compatible(codec, text_encoder, lm, source):
+    """The LM must model the codec's tokens and read the text encoder's width."""
+    c = lm.cfg
+    got = (codec.num_codebooks, codec.cardinality, text_encoder.dim)
+    if got != (c.num_codebooks, c.card, c.text_dim):
+        raise ValueError(f"{source}: LM expects {c.num_codebooks} codebooks x {c.card} codes and text width "
+                         f"{c.text_dim}; codec/T5 give {got[0]} x {got[1]} and {got[2]}")
+
+
+def load_run(path, device="cpu", use_ema=True):
+    """(codec, text_encoder, lm) of a train.py run directory or its lm.pt; codec / T5 paths in lm.pt are
+    relative to the run directory (SPEC.md)."""
+    lm_pt = os.path.join(path, "lm.pt") if os.path.isdir(path) else path
+    ckpt = _load(lm_pt, "LM checkpoint (lm.pt of a train.py run)")
+    run_dir = os.path.dirname(os.path.abspath(lm_pt))
+    paths = {}
+    for key in ("codec", "t5"):
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), str):
+            raise ValueError(f"{lm_pt}: missing the '{key}' path entry")
+        paths[key] = _need_file(os.path.join(run_dir, ckpt[key]), f"{key} of {lm_pt}")
+    lm = lm_from_checkpoint(ckpt, lm_pt, device, use_ema)  # state-dict mismatches surface before heavy loads
+    import codec as codec_lib
+    import text_encoder
+    codec = codec_lib.load_codec(paths["codec"], device=device)
+    t5 = text_encoder.load_t5(paths["t5"], device=device)
+    check_compatible(codec, t5, lm, lm_pt)
+    return codec, t5, lm
+
+
+def load_musicgen_dir(directory, t5_dir, device="cpu"):
+    """(codec, text_encoder, lm) from released MusicGen files and a local T5 directory."""
+    lm_path = _need_file(os.path.join(directory, "state_dict.bin"), "MusicGen LM weights")
+    codec_path = _need_file(os.path.join(directory, "compression_state_dict.bin"), "MusicGen EnCodec weights")
+    _need_file(t5_dir, "T5 directory")
+    lm = LM.load_musicgen(lm_path, device)
+    import codec as codec_lib
+    import text_encoder
+    codec = codec_lib.load_audiocraft(codec_path).to(device).eval()
+    t5 = text_encoder.load_t5(t5_dir, device=device)
+    check_compatible(codec, t5, lm, lm_path)
+    return codec, t5, lm
+
+
+def num_frames_for(duration, frame_rate, max_frames):
+    """Frames for `duration` seconds; errors when the LM's positions cannot hold them."""
+    if not duration > 0:
+        raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    n = math.ceil(duration * frame_rate - 1e-6)
+    if n > max_frames:
+        raise ValueError(f"duration {duration} s needs {n} frames at {frame_rate:g} Hz, but the LM has positions "
+                         f"for {max_frames} frames ({max_frames / frame_rate:g} s)")
+    return n
+
+
+def generate_audio(codec, text_encoder, lm, prompts, duration, cfg_coef=3.0, top_k=250, top_p=0.0,
+                   temperature=1.0, seed=None, generator=None, progress=True):
+    """list of B captions -> wav (B, 1, N) on the codec's device, N = duration * sample_rate.
+    Defaults: CFG 3.0, top-k 250, temperature 1.0 (PAPER.md §4.2, §5)."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    T = num_frames_for(duration, codec.frame_rate, lm.cfg.max_frames)
+    device = next(lm.parameters()).device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    with torch.no_grad():
+        text, mask = text_encoder.encode(list(prompts))  # (B, Tt, Dt), (B, Tt)
+    codes = LM.generate(lm, text, mask, T, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
+                        generator=generator, progress=progress)  # (B, K, T)
+    with torch.no_grad():
+        wav = codec.decode(codes.clone().to(next(codec.parameters()).device))  # (B, 1, N')
+    return wav[..., :round(duration * codec.sample_rate)]
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
+
+
+def _default_duration(args):
+    if args.ckpt:  # the run's training segment length, if train.py recorded one
+        lm_pt = os.path.join(args.ckpt, "lm.pt") if os.path.isdir(args.ckpt) else args.ckpt
+        ckpt = _load(lm_pt, "LM checkpoint (lm.pt of a train.py run)")
+        tc = (ckpt.get("train_config") if isinstance(ckpt, dict) else None) or {}
+        for key in ("segment_seconds", "segment_duration", "duration"):
+            if isinstance(tc.get(key), (int, float)) and tc[key] > 0:
+                return float(tc[key])
+    return 10.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Text-to-audio sampling with a trained LM or released MusicGen.")
+    ap.add_argument("prompts", nargs="*", help="one or more text prompts (one wav each)")
+    ap.add_argument("--ckpt", help="train.py run directory or its lm.pt")
+    ap.add_argument("--musicgen", help="directory with released state_dict.bin and compression_state_dict.bin")
+    ap.add_argument("--t5", help="local T5 directory (HF format) for --musicgen, e.g. t5-base")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds per sample (default: the run's training segment, else 10)")
+    ap.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance coefficient")
+    ap.add_argument("--top-k", type=int, default=250, help="top-k sampling (0: off; 1: greedy)")
+    ap.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; replaces top-k when > 0")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--out", help="output directory (default RUN/samples or ./samples)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--no-ema", action="store_true", help="use the raw LM weights instead of the EMA")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    args = ap.parse_args(argv)
+
+    def fail(msg):
+        raise SystemExit(f"sample.py: error: {msg}")
+    # every check on the arguments comes before any loading or generation
+    if bool(args.ckpt) == bool(args.musicgen):
+        fail("give exactly one of --ckpt RUN or --musicgen DIR")
+    if args.musicgen and not args.t5:
+        fail("--musicgen needs --t5 T5DIR (MusicGen was trained with t5-base)")
+    if not args.prompts:
+        fail("no prompts given; pass one or more text prompts")
+    blank = [i for i, p in enumerate(args.prompts) if not p.strip()]
+    if blank:
+        fail(f"prompt(s) {blank} are empty")
+    if args.duration is not None and not args.duration > 0:
+        fail(f"--duration must be > 0 seconds, got {args.duration}")
+    if args.top_k < 0 or not 0 <= args.top_p <= 1 or args.temperature < 0 or args.batch_size < 1:
+        fail("need --top-k >= 0, 0 <= --top-p <= 1, --temperature >= 0, --batch-size >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device} but CUDA is not available")
+    src = args.ckpt or args.musicgen
+    if not os.path.exists(src):
+        fail(f"{'run' if args.ckpt else 'MusicGen directory'} not found: {src}")
+    try:
+        duration = args.duration or _default_duration(args)
+        if args.ckpt:
+            codec, t5, lm = load_run(args.ckpt, args.device, use_ema=not args.no_ema)
+        else:
+            codec, t5, lm = load_musicgen_dir(args.musicgen, args.t5, args.device)
+        num_frames_for(duration, codec.frame_rate, lm.cfg.max_frames)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    import soundfile as sf
+    out = args.out or (os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
+                       if args.ckpt else "samples")
+    os.makedirs(out, exist_ok=True)
+    gen = torch.Generator(device=next(lm.parameters()).device).manual_seed(args.seed)
+    for i0 in range(0, len(args.prompts), args.batch_size):
+        batch = args.prompts[i0:i0 + args.batch_size]
+        wav = generate_audio(codec, t5, lm, batch, duration, args.cfg_coef, args.top_k, args.top_p,
+                             args.temperature, generator=gen).float().cpu()
+        for j, (prompt, w) in enumerate(zip(batch, wav)):
+            w = w[0] / max(1.0, w.abs().max().item() / 0.99)  # scale down only if it would clip
+            path = os.path.join(out, f"{i0 + j:03d}_{_slug(prompt)}.wav")
+            sf.write(path, w.numpy(), codec.sample_rate, subtype="PCM_16")
+            print(f"wrote {path}  ({duration:g} s) {prompt!r}")
+
+
+if __name__ == "__main__":
+    main()
