@@ -1,0 +1,1440 @@
+"""All tests, one section per file of the project (see the README for what each checks).
+
+Run: python -m pytest -q test_all.py
+"""
+from dataclasses import asdict
+from dataclasses import replace
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import yaml
+import codec
+import codec as codec_lib
+import data
+import evaluate
+import lm as LM
+import rr_loss
+import sample
+import text_encoder
+import text_encoder as TE
+import train
+
+
+# ==================================================================================================
+# data.py: toy set and manifests (issue 2)
+# ==================================================================================================
+
+# Tests of data.py: the toy set (determinism, splits, clip properties, band-limiting), the manifest
+# dataset (crops, masks, stereo, resampling, audiocraft layout) and every bad-input case.
+
+
+
+SR = data.SAMPLE_RATE
+SMALL = dict(n_train=50, n_valid=25, n_test=20, progress=False)  # 2 rounds of the 25 seen combos
+
+
+def _key(c):
+    return (c["count"], c["pitch"], c["kind"])
+
+
+def _events(x, sr=SR, frame=80, rel=0.01):
+    """(start, end) seconds of the regions whose 5 ms frame peak exceeds rel * clip peak."""
+    env = np.abs(x[: len(x) // frame * frame]).reshape(-1, frame).max(1)
+    on = np.concatenate([[False], env > rel * np.abs(x).max(), [False]])
+    edges = np.flatnonzero(np.diff(on.astype(int)))
+    return [(s * frame / sr, e * frame / sr) for s, e in zip(edges[::2], edges[1::2])]
+
+
+def _power_spectrum(x, sr=SR):
+    return np.fft.rfftfreq(len(x), 1 / sr), np.abs(np.fft.rfft(np.asarray(x, np.float64))) ** 2
+
+
+def _write(path, x, sr=SR, subtype="FLOAT"):
+    sf.write(str(path), x, sr, subtype=subtype)
+    return str(path)
+
+
+def _manifest(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- toy set
+def test_toy_set_is_deterministic(tmp_path):
+    a = data.make_toy_dataset(tmp_path / "a", seed=0, **SMALL)
+    b = data.make_toy_dataset(tmp_path / "b", seed=0, **SMALL)
+    c = data.make_toy_dataset(tmp_path / "c", seed=1, **SMALL)
+    wavs = lambda root: sorted((root / "wav").rglob("*.wav"))
+    assert len(wavs(tmp_path / "a")) == 95
+    info = sf.info(str(wavs(tmp_path / "a")[0]))
+    assert (info.samplerate, info.channels, info.frames) == (16000, 1, 32000)
+    for split in ("train", "valid", "test"):
+        assert open(a[split]).read() == open(b[split]).read()
+    for fa, fb in zip(wavs(tmp_path / "a"), wavs(tmp_path / "b")):
+        assert fa.read_bytes() == fb.read_bytes()
+    assert open(a["train"]).read() != open(c["train"]).read()
+    assert sum(fa.read_bytes() != fc.read_bytes() for fa, fc in zip(wavs(tmp_path / "a"), wavs(tmp_path / "c"))) == 95
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_toy_splits_and_held_out_combos(tmp_path):
+    assert len(data.ALL_COMBOS) == 30 and len({_key(c) for c in data.ALL_COMBOS}) == 30
+    assert sum(c["kind"] == "noise" and c["pitch"] is None for c in data.ALL_COMBOS) == 3
+    held = {_key(c) for c in data.HELD_OUT_COMBOS}
+    assert len(held) >= 4 and held <= {_key(c) for c in data.ALL_COMBOS}
+    paths = data.make_toy_dataset(tmp_path, seed=3, **SMALL)
+    items = {s: data.read_manifest(p)[0] for s, p in paths.items()}
+    assert [len(items[s]) for s in ("train", "valid", "test")] == [50, 25, 20]
+    for s, its in items.items():
+        for it in its:
+            assert os.path.isabs(it["path"]) and it["duration"] == 2.0 and it["text"]
+            assert it["attributes"]["held_out"] == (_key(it["attributes"]) in held)
+    seen_keys = {_key(it["attributes"]) for s in ("train", "valid") for it in items[s]}
+    test_keys = {_key(it["attributes"]) for it in items["test"]}
+    assert not seen_keys & held  # never in train / valid ...
+    assert held <= test_keys and test_keys - held  # ... but in test, next to seen combos
+    assert seen_keys | test_keys == {_key(c) for c in data.ALL_COMBOS}
+    # compositional: every attribute value of a held-out combo is trained in other combos
+    for c in data.HELD_OUT_COMBOS:
+        for k in ("count", "pitch", "kind"):
+            assert any(it["attributes"][k] == c[k] for it in items["train"])
+
+
+def test_captions_name_their_attributes():
+    rng = np.random.default_rng(0)
+    by_combo = {_key(c): {data.make_caption(c["count"], c["pitch"], c["kind"], rng) for _ in range(300)}
+                for c in data.ALL_COMBOS}
+    every = set().union(*by_combo.values())
+    for want in ("three high-pitched beeps", "a single low buzz", "two bursts of noise",
+                 "the sound of two deep synth notes", "a pair of shrill sawtooths", "one medium-pitched tone"):
+        assert want in every, want
+    owners = {}
+    for k, caps in by_combo.items():
+        for cap in caps:
+            assert owners.setdefault(cap, k) == k, f"{cap!r} is ambiguous"
+    with pytest.raises(ValueError, match="pitch"):
+        data.make_caption(2, "ultra", "sine", rng)
+
+
+def test_clip_properties():
+    f0s = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        for c in data.ALL_COMBOS:
+            x = data.synth_clip(c["count"], c["pitch"], c["kind"], rng)
+            assert x.dtype == np.float32 and x.shape == (32000,)
+            assert 0.3 <= np.abs(x).max() <= 0.6
+            ev = _events(x)
+            assert len(ev) == c["count"], (c, ev)
+            assert all(0.19 <= e - s <= 0.31 for s, e in ev), ev
+            assert all(s2 - e1 >= 0.11 for (_, e1), (s2, _) in zip(ev, ev[1:])), ev
+            assert ev[0][0] > 0 and ev[-1][1] < 2.0
+            if c["kind"] == "sine":
+                f, p = _power_spectrum(x)
+                f0 = f[p.argmax()]
+                nominal = data.PITCH_HZ[c["pitch"]]
+                assert abs(f0 / nominal - 1) <= 0.021, (c, f0)
+                f0s.append(f0 / nominal)
+    assert np.std(f0s) > 0.003  # the +-2% detune is really drawn per clip
+
+
+def _harmonic_leak(x, f0, sr=SR):
+    """(energy above 7650 Hz, energy further than 200 Hz from every harmonic h*f0) / total energy."""
+    f, p = _power_spectrum(x, sr)
+    near = np.zeros_like(f, dtype=bool)
+    for h in range(1, int(sr / 2 / f0) + 2):
+        near |= np.abs(f - h * f0) < 200
+    return p[f > 7650].sum() / p.sum(), p[~near].sum() / p.sum()
+
+
+def test_tonal_clips_are_band_limited():
+    for kind, pitch in (("sawtooth", "high"), ("square", "high"), ("sawtooth", "low")):
+        x = data.synth_clip(3, pitch, kind, np.random.default_rng(5))
+        f, p = _power_spectrum(x)
+        f0 = f[p.argmax()]
+        above, off = _harmonic_leak(x, f0)
+        assert above < 1e-6 and off < 1e-5, (kind, pitch, above, off)
+        h2 = p[np.abs(f - 2 * f0) < 20].sum() / p[np.abs(f - f0) < 20].sum()
+        assert (h2 < 1e-4) if kind == "square" else (0.15 < h2 < 0.35)  # 1/h amplitudes: square has no even ones
+    # the checks catch aliasing: a naive (non band-limited) sawtooth at the same pitch fails them
+    t = np.arange(4000) / SR
+    naive = np.zeros(32000)
+    naive[8000:12000] = (2 * ((883.0 * t) % 1.0) - 1) * np.hanning(4000) * 0.5
+    above, off = _harmonic_leak(naive, 883.0)
+    assert above > 1e-4 and off > 1e-4
+
+
+def test_ensure_toy_dataset_is_idempotent(tmp_path):
+    sizes = dict(n_train=5, n_valid=2, n_test=4)
+    p1 = data.ensure_toy_dataset(tmp_path, seed=0, progress=False, **sizes)
+    t1 = os.path.getmtime(p1["train"])
+    p2 = data.ensure_toy_dataset(tmp_path, seed=0, progress=False, **sizes)
+    assert p1 == p2 and os.path.getmtime(p2["train"]) == t1
+    before = open(p1["train"]).read()
+    data.ensure_toy_dataset(tmp_path, seed=1, progress=False, **sizes)  # another seed: remade
+    assert open(p1["train"]).read() != before
+
+
+# ----------------------------------------------------------------------------- manifest dataset
+def test_crop_pad_mask_and_determinism(tmp_path):
+    ramp = lambda n: (np.arange(n) / n * 0.9 - 0.45).astype(np.float32)  # every sample identifies its position
+    short, long_ = ramp(16000), ramp(48000)
+    _write(tmp_path / "short.wav", short)
+    _write(tmp_path / "long.wav", long_)
+    m = _manifest(tmp_path / "m.jsonl", [dict(path="short.wav", text="short"), dict(path="long.wav", text="long"),
+                                          dict(path="long.wav", text="window", offset=0.5, duration=1.0)])
+    ds = data.AudioTextDataset(m, SR, 2.0, seed=7)
+    a = ds[0]
+    assert a["wav"].shape == (1, 32000) and a["mask"].shape == (32000,) and a["mask"].dtype == torch.bool
+    assert a["mask"].sum() == 16000 and a["mask"][:16000].all()
+    assert torch.equal(a["wav"][0, :16000], torch.from_numpy(short)) and (a["wav"][0, 16000:] == 0).all()
+    b = ds[1]
+    assert b["mask"].all() and b["text"] == "long" and b["index"] == 1
+    start = int(np.argmin(np.abs(long_ - b["wav"][0, 0].item())))
+    assert torch.equal(b["wav"][0], torch.from_numpy(long_[start:start + 32000]))
+    w = ds[2]  # offset + duration: exactly that window, padded to the segment
+    assert w["mask"].sum() == 16000 and torch.equal(w["wav"][0, :16000], torch.from_numpy(long_[8000:24000]))
+    # the crop is a function of (seed, epoch, index): reproducible, new each epoch
+    starts = []
+    for seed, epoch in ((7, 0), (7, 0), (7, 1), (8, 0)):
+        d = data.AudioTextDataset(m, SR, 2.0, seed=seed)
+        d.set_epoch(epoch)
+        starts.append(d[1]["wav"][0, 0].item())
+    assert starts[0] == starts[1] and len(set(starts)) == 3
+    assert data.AudioTextDataset(m, SR, 2.0, random_crop=False)[1]["wav"][0, 0].item() == long_[0]
+    batch = data.collate([ds[0], ds[1]])
+    assert batch["wav"].shape == (2, 1, 32000) and batch["mask"].shape == (2, 32000)
+    assert batch["text"] == ["short", "long"] and batch["attributes"] == [None, None]
+    whole = data.collate([data.AudioTextDataset(m, SR, None)[i] for i in range(3)])  # segment None: pad to longest
+    assert whole["wav"].shape == (3, 1, 48000) and whole["mask"].sum(1).tolist() == [16000, 48000, 16000]
+
+
+def test_stereo_to_mono_and_resampling(tmp_path):
+    sr = 44100
+    t = np.arange(sr) / sr
+    tone = np.sin(2 * np.pi * 1000 * t)
+    p = _write(tmp_path / "st.wav", np.stack([0.5 * tone, 0.1 * tone], 1).astype(np.float32), sr)
+    x = data.load_audio(p, 16000)
+    assert x.shape == (1, 16000) and x.dtype == torch.float32
+    f, pw = _power_spectrum(x[0].numpy(), 16000)
+    assert abs(f[pw.argmax()] - 1000) <= 1
+    assert x[0, 1000:-1000].abs().max().item() == pytest.approx(0.3, rel=0.02)  # mean of the channels
+    assert data.load_audio(p, 16000, offset=0.25, duration=0.5).shape == (1, 8000)
+    m = _manifest(tmp_path / "m.jsonl", [dict(path="st.wav", text="a tone")])
+    item = data.AudioTextDataset(m, 16000, 1.5)[0]
+    assert item["wav"].shape == (1, 24000) and item["mask"].sum() == 16000
+
+
+def test_audiocraft_layout(tmp_path):
+    (tmp_path / "audio").mkdir()
+    for name, desc in (("dog", "a dog barks twice"), ("car", "a car passes by")):
+        _write(tmp_path / "audio" / f"{name}.wav", np.zeros(8000, np.float32))
+        (tmp_path / "audio" / f"{name}.json").write_text(json.dumps(dict(description=desc, title=name)))
+    rows = [dict(path=str(tmp_path / "audio" / "dog.wav"), duration=0.5, sample_rate=SR, amplitude=None),
+            dict(path="audio/car.wav", duration=0.5, sample_rate=SR)]
+    raw = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "data.jsonl").write_text(raw)
+    with gzip.open(tmp_path / "data.jsonl.gz", "wt") as f:
+        f.write(raw)
+    for m in ("data.jsonl", "data.jsonl.gz"):
+        items, n_bad = data.read_manifest(tmp_path / m)
+        assert n_bad == 0 and [it["text"] for it in items] == ["a dog barks twice", "a car passes by"]
+        assert items[1]["path"] == str(tmp_path / "audio" / "car.wav") and items[1]["duration"] == 0.5
+    assert data.AudioTextDataset(tmp_path / "data.jsonl", SR, 1.0)[1]["text"] == "a car passes by"
+
+
+def _bad_cases(tmp_path):
+    """name -> (manifest line, words the error must contain)."""
+    _write(tmp_path / "ok.wav", np.zeros(1600, np.float32))
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage, not audio" * 10)
+    _write(tmp_path / "nodesc.wav", np.zeros(1600, np.float32))
+    (tmp_path / "nodesc.json").write_text(json.dumps(dict(title="no description")))
+    return {
+        "malformed": ('{"path": "ok.wav", "text": "x"', "malformed JSON"),
+        "missing": (json.dumps(dict(path="gone.wav", text="x")), "not found"),
+        "corrupt": (json.dumps(dict(path="corrupt.wav", text="x")), "unreadable audio file"),
+        "empty": (json.dumps(dict(path="ok.wav", text="  ")), "non-empty string"),
+        "nonstring": (json.dumps(dict(path="ok.wav", text=123)), "non-empty string, got 123"),
+        "nosidecar": (json.dumps(dict(path="ok.wav", duration=0.1, sample_rate=SR)), "no 'text' field"),
+        "nodesc": (json.dumps(dict(path="nodesc.wav", duration=0.1)), "'description'"),
+        "nopath": (json.dumps(dict(text="x")), "'path'"),
+        "offset": (json.dumps(dict(path="ok.wav", text="x", offset=5.0)), "past the end"),
+    }
+
+
+def test_each_bad_input_names_manifest_line_and_problem(tmp_path):
+    good = json.dumps(dict(path="ok.wav", text="fine"))
+    for name, (line, words) in _bad_cases(tmp_path).items():
+        m = _manifest(tmp_path / f"{name}.jsonl", [good, "", line])
+        with pytest.raises(data.ManifestError) as e:
+            data.read_manifest(m)
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError) and m in msg and "line 3" in msg and words in msg, (name, msg)
+        if name in ("missing", "corrupt"):
+            assert f"{name if name == 'corrupt' else 'gone'}.wav" in msg
+        with pytest.raises(data.ManifestError, match="line 3"):
+            data.AudioTextDataset(m, SR, 0.1)
+
+
+def test_skip_bad_counts_and_warns_once(tmp_path):
+    cases = _bad_cases(tmp_path)
+    good = json.dumps(dict(path="ok.wav", text="fine"))
+    m = _manifest(tmp_path / "mixed.jsonl", [good] + [line for line, _ in cases.values()] + [good])
+    with pytest.warns(UserWarning, match=f"skipped {len(cases)} bad") as rec:
+        items, n_bad = data.read_manifest(m, skip_bad=True)
+    assert len(rec) == 1 and n_bad == len(cases) and [it["line"] for it in items] == [1, len(cases) + 2]
+    with pytest.warns(UserWarning):
+        ds = data.AudioTextDataset(m, SR, 0.1, skip_bad=True)
+    assert len(ds) == 2 and ds.n_skipped == len(cases)
+    only_bad = _manifest(tmp_path / "allbad.jsonl", [cases["missing"][0]])
+    with pytest.warns(UserWarning), pytest.raises(data.ManifestError, match="no usable items"):
+        data.AudioTextDataset(only_bad, SR, 0.1, skip_bad=True)
+
+
+def test_decode_failure_after_reading_names_the_file(tmp_path):
+    p = _write(tmp_path / "later.wav", np.zeros(1600, np.float32))
+    m = _manifest(tmp_path / "m.jsonl", [dict(path="later.wav", text="x")])
+    ds = data.AudioTextDataset(m, SR, 0.1)
+    (tmp_path / "later.wav").write_bytes(b"corrupted after the manifest was read" * 4)
+    with pytest.raises(data.ManifestError) as e:
+        ds[0]
+    assert p in str(e.value) and "line 1" in str(e.value) and "cannot decode" in str(e.value)
+
+
+def test_atomic_writes(tmp_path):
+    p = str(tmp_path / "sub" / "ckpt.pt")
+    data.atomic_save({"w": torch.arange(3)}, p)
+    data.atomic_save({"w": torch.arange(4)}, p)  # replaces
+    assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(4))
+    t = str(tmp_path / "x" / "a.txt")
+    data.atomic_write_text(t, "hello\n")
+    assert open(t).read() == "hello\n" and not list(tmp_path.rglob("*.tmp"))
+
+
+# ==================================================================================================
+# codec.py: EnCodec + RVQ (issue 2)
+# ==================================================================================================
+
+TINY = codec.CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2), n_filters=4, dimension=16, bins=32, lstm=1)
+
+
+# ------------------------------------------------------------------------ transformers -> audiocraft -> load
+def _hf_to_audiocraft(hf):
+    """transformers' EncodecModel state dict -> audiocraft's key names (the inverse of the renaming in
+    transformers' convert_encodec_checkpoint_to_pytorch.py / audiocraft's load_from_pretrained)."""
+    sd = {}
+    for k, v in hf.state_dict().items():
+        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                               "weight_v")
+        parts = k.split(".")
+        if parts[0] == "decoder" and isinstance(getattr(hf.decoder.layers[int(parts[2])], "conv", None),
+                                                torch.nn.ConvTranspose1d):
+            k = k.replace(".conv.", ".convtr.convtr.")
+        elif ".conv." in k:
+            k = k.replace(".conv.", ".conv.conv.")
+        k = k.replace("encoder.layers.", "encoder.model.").replace("decoder.layers.", "decoder.model.")
+        sd[k.replace("quantizer.layers.", "quantizer.vq.layers.").replace(".codebook.", "._codebook.")] = v
+    return sd
+
+
+def _xp_cfg(sr, ratios, n_filters, dim, bins):  # the fields of an audiocraft compression xp.cfg that matter
+    return {"sample_rate": sr, "channels": 1, "compression_model": "encodec",
+            "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": "${sample_rate}",
+                        "channels": "${channels}", "causal": False, "renormalize": False},
+            "seanet": {"dimension": dim, "channels": "${channels}", "causal": "${encodec.causal}",
+                       "n_filters": n_filters, "n_residual_layers": 1, "ratios": list(ratios), "activation": "ELU",
+                       "activation_params": {"alpha": 1.0}, "norm": "weight_norm", "norm_params": {},
+                       "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 7, "dilation_base": 2,
+                       "pad_mode": "constant", "true_skip": True, "compress": 2, "lstm": 2,
+                       "disable_norm_outer_blocks": 0,
+                       "decoder": {"trim_right_ratio": 1.0, "final_activation": None, "final_activation_params": None},
+                       "encoder": {}},
+            "rvq": {"n_q": 4, "q_dropout": False, "bins": bins, "decay": 0.99, "kmeans_init": True,
+                    "kmeans_iters": 50, "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0}}
+
+
+@pytest.mark.parametrize("sr,ratios,cfg_as", [(32000, (8, 5, 4, 4), "yaml"), (16000, (8, 5, 4, 2), "dict")])
+def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
+    from transformers import EncodecConfig, EncodecModel
+    n_filters, dim, bins = 4, 16, 64
+    bw = 4 * math.log2(bins) * sr / math.prod(ratios) / 1000  # the bandwidth at which transformers uses 4 codebooks
+    hf = EncodecModel(EncodecConfig(
+        sampling_rate=sr, upsampling_ratios=list(ratios), num_filters=n_filters, hidden_size=dim, codebook_size=bins,
+        target_bandwidths=[bw], use_causal_conv=False, pad_mode="constant", use_conv_shortcut=False,
+        norm_type="weight_norm", normalize=False, num_lstm_layers=2)).eval()
+    g = torch.Generator().manual_seed(sr)
+    with torch.no_grad():  # random weights everywhere, codebooks included
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for name, b in hf.named_buffers():
+            if name.endswith(("embed", "embed_avg", "cluster_size")):
+                b.copy_(torch.randn(b.shape, generator=g))
+    xp = _xp_cfg(sr, ratios, n_filters, dim, bins)
+    path = str(tmp_path / "compression_state_dict.bin")
+    torch.save({"best_state": _hf_to_audiocraft(hf), "xp.cfg": yaml.safe_dump(xp) if cfg_as == "yaml" else xp,
+                "version": "1.0.0", "exported": True}, path)
+    model = codec.load_audiocraft(path)
+    assert (model.sample_rate, model.hop_length, model.num_codebooks, model.cardinality) == \
+           (sr, math.prod(ratios), 4, bins)
+    assert isinstance(codec.load_codec(path), codec.EncodecModel)  # load_codec dispatches on 'xp.cfg'
+    x = torch.randn(2, 1, sr // 2 + 77, generator=g) * 0.3
+    with torch.no_grad():
+        ref_codes = hf.encode(x, bandwidth=bw).audio_codes[0]  # (B, K, T)
+        ref_wav = hf.decode(ref_codes[None], [None]).audio_values
+        codes = model.encode(x)
+        wav = model.decode(codes)
+    assert codes.dtype == torch.int64 and codes.shape == (2, 4, math.ceil(x.shape[-1] / model.hop_length))
+    assert torch.equal(codes, ref_codes)
+    assert wav.shape == ref_wav.shape
+    torch.testing.assert_close(wav, ref_wav, atol=1e-4, rtol=0)
+
+
+def test_load_audiocraft_refuses_unsupported_and_bad_files(tmp_path):
+    xp = _xp_cfg(16000, (8, 5, 4, 2), 4, 16, 64)
+    xp["encodec"]["causal"] = True
+    bad = str(tmp_path / "causal.bin")
+    torch.save({"best_state": {}, "xp.cfg": yaml.safe_dump(xp)}, bad)
+    with pytest.raises(ValueError, match="encodec.causal"):
+        codec.load_audiocraft(bad)
+    ref = str(tmp_path / "ref.bin")
+    torch.save({"pretrained": "facebook/encodec_32khz", "exported": True}, ref)
+    with pytest.raises(ValueError, match="no weights"):
+        codec.load_codec(ref)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        codec.load_codec(str(tmp_path / "missing.pt"))
+    junk = str(tmp_path / "junk.pt")
+    torch.save({"step": 3}, junk)
+    with pytest.raises(ValueError, match="expected a codec.py checkpoint"):
+        codec.load_codec(junk)
+    wrong = str(tmp_path / "wrong.pt")  # weights of another config: the mismatch is named
+    torch.save({"config": codec.asdict(TINY), "model": codec.EncodecModel(replace(TINY, bins=16)).state_dict()}, wrong)
+    with pytest.raises(ValueError, match="wrong shape"):
+        codec.load_codec(wrong)
+
+
+# ------------------------------------------------------------------------ RVQ rules
+def _codebook(embed, cluster_size, threshold=0.0, decay=0.99):
+    cb = codec.Codebook(codec.CodecConfig(dimension=embed.shape[1], bins=embed.shape[0], decay=decay,
+                                          threshold_ema_dead_code=threshold))
+    cb.embed.copy_(embed)
+    cb.cluster_size.copy_(cluster_size)
+    cb.embed_avg.copy_(embed * cluster_size[:, None])
+    cb.inited.fill_(1)
+    return cb
+
+
+def test_rvq_codes_round_trip():
+    cfg = codec.CodecConfig(dimension=8, bins=16, n_q=3)
+    rvq = codec.RVQ(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    for k, layer in enumerate(rvq.vq["layers"]):  # each stage 10x finer than the last: greedy RVQ is exact
+        layer._codebook.embed.copy_(torch.randn(16, 8, generator=g) * 10.0 ** -k)
+    codes = torch.randint(16, (2, 3, 5), generator=g)  # (B, K, T)
+    latent = rvq.decode(codes)  # (B, D, T)
+    assert latent.shape == (2, 8, 5)
+    expect = sum(rvq.vq["layers"][k]._codebook.embed[codes[:, k]] for k in range(3)).permute(0, 2, 1)
+    torch.testing.assert_close(latent, expect)
+    assert torch.equal(rvq.encode(latent), codes)
+    assert torch.equal(rvq(latent)[1], codes)  # eval-mode forward agrees with encode
+
+
+def test_ema_update_matches_hand_computation():
+    cb = _codebook(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), torch.tensor([5.0, 5.0, 5.0]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0]])
+    idx = codec.nearest(x, cb.embed)
+    assert idx.tolist() == [0, 0, 1]
+    cb.update(x, idx)
+    # cluster_size = 0.99 * 5 + 0.01 * count; embed_avg = 0.99 * 5 * embed + 0.01 * sum of assigned x
+    torch.testing.assert_close(cb.cluster_size, torch.tensor([4.97, 4.96, 4.95]))
+    torch.testing.assert_close(cb.embed_avg, torch.tensor([[0.01, 0.01], [49.59, 0.01], [0.0, 49.5]]))
+    # embed = embed_avg / cluster_size (Laplace smoothing with eps 1e-5 is negligible here)
+    expect = torch.tensor([[0.01 / 4.97, 0.01 / 4.97], [49.59 / 4.96, 0.01 / 4.96], [0.0, 10.0]])
+    torch.testing.assert_close(cb.embed, expect, atol=1e-5, rtol=0)
+
+
+def test_dead_code_replacement():
+    torch.manual_seed(0)
+    cb = _codebook(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), torch.tensor([5.0, 2.0, 5.0]),
+                   threshold=2.0)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 9.0]])  # nothing near code 1
+    cb.update(x, codec.nearest(x, cb.embed))
+    # code 1: 0.99 * 2 + 0 = 1.98 < 2 -> dead: re-seeded on a vector of this batch, EMA stats to match
+    assert (cb.embed[1] - x).abs().sum(1).min() == 0
+    assert cb.cluster_size[1] == 2.0
+    torch.testing.assert_close(cb.embed_avg[1], 2.0 * cb.embed[1])
+    # live codes follow the EMA: 0.99 * 5 + 0.01 * 3 = 4.98 and 0.99 * 5 + 0.01 * 1 = 4.96
+    torch.testing.assert_close(cb.cluster_size[[0, 2]], torch.tensor([4.98, 4.96]))
+    torch.testing.assert_close(cb.embed[2], torch.tensor([0.01, 49.59]) / 4.96, atol=1e-5, rtol=0)
+
+
+def test_kmeans_init_on_first_training_batch():
+    torch.manual_seed(0)
+    layer = codec.VQLayer(codec.CodecConfig(dimension=2, bins=4, threshold_ema_dead_code=0))
+    centers = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
+    flat = centers.repeat(25, 1) + 0.1 * torch.randn(100, 2)
+    assert layer._codebook.inited.item() == 0
+    layer.train()(flat.t()[None])  # (1, D=2, T=100)
+    cb = layer._codebook
+    assert cb.inited.item() == 1
+    # k-means converged: each code is the mean of the vectors nearest to it, and its count is theirs
+    idx = codec.nearest(flat, cb.embed)
+    counts = torch.bincount(idx, minlength=4).float()
+    assert counts.sum() == 100 and (counts > 0).all()
+    torch.testing.assert_close(cb.cluster_size, counts)  # 0.99 * count + 0.01 * count
+    means = torch.zeros(4, 2).index_add_(0, idx, flat) / counts[:, None]
+    torch.testing.assert_close(cb.embed, means, atol=1e-4, rtol=0)
+
+
+def test_commitment_and_straight_through_gradients():
+    torch.manual_seed(0)
+    rvq = codec.RVQ(codec.CodecConfig(dimension=4, bins=8, n_q=2, threshold_ema_dead_code=0)).train()
+    z = torch.randn(2, 4, 10)
+    rvq(z)  # k-means init
+    embeds = [l._codebook.embed.clone() for l in rvq.vq["layers"]]
+    z.requires_grad_(True)
+    out, codes, commit = rvq(z)
+    q0 = embeds[0][codes[:, 0]].permute(0, 2, 1)  # layer 0's codes, looked up before the EMA update
+    (g,) = torch.autograd.grad(commit, z, retain_graph=True)
+    # mean over the 2 layers of mse(q_k, residual_k); with the straight-through estimator only layer 0's
+    # residual (z itself) carries gradient: d/dz = 2 (z - q0) / numel / 2
+    torch.testing.assert_close(g, (z - q0).detach() / z.numel())
+    assert all(not l._codebook.embed.requires_grad for l in rvq.vq["layers"])  # codebooks: EMA only
+    (g,) = torch.autograd.grad(out.sum(), z)
+    torch.testing.assert_close(g, torch.ones_like(z))  # straight-through: identity gradient
+    model = codec.EncodecModel(TINY).train()
+    model(torch.randn(2, 1, 1600))  # k-means init (its codes are batch vectors: zero commitment there)
+    _, _, commit = model(torch.randn(2, 1, 1600))
+    commit.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.decoder.parameters())
+
+
+def test_si_snr():
+    x = torch.randn(3, 1000)
+    assert (codec.si_snr(0.5 * x, x) > 60).all()  # scale-invariant
+    noise = torch.randn(3, 1000)
+    noise = noise - noise.mean(-1, keepdim=True)
+    y = x + noise * (x - x.mean(-1, keepdim=True)).norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True) / 10
+    assert ((codec.si_snr(y, x) - 20).abs() < 1.0).all()  # noise at 1/10 of the amplitude: ~20 dB
+
+
+# ------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def toy_manifests(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return data.make_toy_dataset(str(root), seed=0, n_train=16, n_valid=4, n_test=8, progress=False)
+
+
+def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, monkeypatch):
+    monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
+    kw = dict(valid=toy_manifests["valid"], preset="toy", batch_size=4, segment_seconds=0.5, progress=False)
+    ds = data.AudioTextDataset(toy_manifests["valid"], 16000, None, random_crop=False)
+    msspec = codec.MultiScaleMelLoss(16000)
+    first = codec.validate(codec.EncodecModel(TINY).train(), ds, msspec)
+    full = codec.train_codec(toy_manifests["train"], str(tmp_path / "a"), steps=12, save_every=100, **kw)
+    trained = codec.load_codec(full)
+    after = codec.validate(trained, ds, msspec)
+    assert after["msspec"] < first["msspec"] and after["l1"] < first["l1"]
+    # an interrupted run resumed from codec_state.pt ends with the same weights as the uninterrupted one
+    codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=7, save_every=100, **kw)
+    resumed = codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    out = tmp_path / "eval.json"
+    codec.main(["eval", "--ckpt", full, "--manifest", toy_manifests["test"], "--json", str(out), "--device", "cpu"])
+    res = json.loads(out.read_text())
+    assert res["n_items"] == 8 and math.isfinite(res["si_snr_db"]) and res["mel_distance"] > 0
+    assert len(res["perplexity"]) == 4 and all(1.0 <= p <= TINY.bins for p in res["perplexity"])
+
+
+def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monkeypatch):
+    monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
+    path = codec.train_codec(toy_manifests["train"], str(tmp_path), preset="toy", steps=2, batch_size=2,
+                             segment_seconds=0.25, adversarial=True, progress=False)
+    st = torch.load(os.path.join(os.path.dirname(path), "codec_state.pt"), weights_only=True)
+    assert st["run"]["adversarial"] and set(st["balancer"]["total"]) == {"l1", "msspec", "adv", "feat"}
+    assert st["disc"] and all(v["step"] == 2 for v in st["opt_d"]["state"].values())  # 2 discriminator updates
+
+
+def test_cli_errors(toy_manifests, tmp_path):
+    with pytest.raises(SystemExit, match="no such codec checkpoint"):
+        codec.main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--manifest", toy_manifests["test"]])
+    with pytest.raises(SystemExit, match="--steps must be positive"):
+        codec.main(["train", "--manifest", toy_manifests["train"], "--out", str(tmp_path), "--steps", "0"])
+
+
+# ==================================================================================================
+# text_encoder.py: T5 (issue 3)
+# ==================================================================================================
+
+# Tests of text_encoder.py (merged into test_all.py by the coordinator).
+
+
+
+_T5_CAPTIONS = ["three high-pitched beeps", "one low sine tone", "two mid-pitched square buzzes", "noise bursts",
+                "a single low-pitched sawtooth tone", "two high-pitched beeps", "one burst of white noise"] * 6
+# Varied text for the tokenizer check: capitals, digits, punctuation, accents, tabs, repeated spaces.
+_T5_TEXT = ["A dog barks twice, then a car passes by at 50 km/h.", "Rain falls on a tin roof; thunder (far away).",
+            "Piano & strings: a slow waltz in 3/4 time!", "Café crowd — glasses clink, people chat.",
+            "An old engine starts up\tand idles", "Birds sing at dawn... a rooster crows"] * 4
+
+
+@pytest.fixture(scope="module")
+def t5_toy_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("t5toy"))
+    TE.make_toy_t5(d, _T5_CAPTIONS + _T5_TEXT, seed=0)
+    return d
+
+
+def _t5_hf_dir(tmp_path, toy_dir, name, ff, full_model=False, bin_file=False, seed=0):
+    """A random small transformers T5 (encoder, or the whole encoder-decoder) written with the toy spiece.model."""
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+    n_pieces = len(TE.T5Tokenizer(os.path.join(toy_dir, "spiece.model")))
+    # num_heads * d_kv != d_model and few buckets / a short max_distance so every bucketing branch is used.
+    cfg = T5Config(vocab_size=n_pieces + 100, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_decoder_layers=1,
+                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                   feed_forward_proj=ff)
+    torch.manual_seed(seed)
+    hf = (T5ForConditionalGeneration if full_model else T5EncoderModel)(cfg).eval()
+    with torch.no_grad():  # the init has norms at 1 and a weak position bias: make both matter
+        for n, p in hf.named_parameters():
+            if "layer_norm" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            if "relative_attention_bias" in n:
+                p.mul_(10)
+    d = str(tmp_path / name)
+    if bin_file:  # transformers 5.x ignores safe_serialization=False: write the .bin ourselves
+        os.makedirs(d)
+        hf.config.save_pretrained(d)
+        torch.save(hf.state_dict(), os.path.join(d, "pytorch_model.bin"))
+    else:
+        hf.save_pretrained(d)
+    shutil.copy(os.path.join(toy_dir, "spiece.model"), d)
+    return hf, d
+
+
+def _t5_check_equal(hf, t5, captions):
+    emb, mask = t5.encode(captions)  # (B, T, D), (B, T)
+    ids, tok_mask = t5.tokenizer(captions)
+    assert mask.any() and (~mask).any(), "the batch must hold padding"
+    ref = hf.get_encoder()(input_ids=ids, attention_mask=tok_mask.long()).last_hidden_state
+    assert emb.shape == ref.shape and emb.shape[-1] == t5.dim
+    torch.testing.assert_close(emb[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    assert (emb[~mask] == 0).all()  # padded positions exactly zero (PAPER.md §5)
+    assert ref[mask].std() > 0.1  # not a degenerate output
+
+
+def test_t5_relative_position_bucket_matches_transformers():
+    from transformers.models.t5.modeling_t5 import T5Attention
+    rel = torch.arange(-300, 301)[None, :]
+    for nb, md in ((32, 128), (8, 20)):
+        want = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=nb, max_distance=md)
+        assert torch.equal(TE.relative_position_bucket(rel, nb, md), want)
+
+
+def test_t5_v1_0_full_checkpoint_matches_transformers(tmp_path, t5_toy_dir):
+    # A whole encoder-decoder checkpoint (as t5-base is): decoder.* / lm_head must be skipped.
+    hf, d = _t5_hf_dir(tmp_path, t5_toy_dir, "v10", "relu", full_model=True)
+    _t5_check_equal(hf, TE.load_t5(d), _T5_TEXT[:3] + ["noise", "three high-pitched beeps " * 6])
+    # Sharded (model.safetensors.index.json, as flan-t5-xl): the same weights.
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    shutil.copy(os.path.join(d, "spiece.model"), str(tmp_path / "sharded"))
+    assert os.path.exists(str(tmp_path / "sharded" / "model.safetensors.index.json"))
+    a, b = TE.load_t5(d).state_dict(), TE.load_t5(str(tmp_path / "sharded")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_t5_v1_1_gated_gelu_bin_matches_transformers(tmp_path, t5_toy_dir):
+    hf, d = _t5_hf_dir(tmp_path, t5_toy_dir, "v11", "gated-gelu", bin_file=True, seed=1)
+    assert json.load(open(os.path.join(d, "config.json")))["dense_act_fn"] == "gelu_new"  # tanh GELU
+    t5 = TE.load_t5(d)
+    assert t5.cfg.is_gated_act and t5.cfg.dense_act_fn == "gelu_new"
+    _t5_check_equal(hf, t5, ["two high-pitched beeps", "", "A dog barks twice, then a car passes by at 50 km/h."])
+
+
+def test_t5_tokenizer_matches_transformers(t5_toy_dir):
+    try:
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        pytest.fail("protobuf missing: transformers needs it to read spiece.model (requirements-dev.txt)")
+    from transformers import T5Tokenizer
+    hf = T5Tokenizer.from_pretrained(t5_toy_dir)
+    texts = sorted(set(_T5_TEXT)) + ["", "   ", "ONE LOW TONE", "x" * 40, "unseen ∑ symbols ♪♪", "two  high\nbeeps "]
+    for max_length in (2, 7, 512):
+        tok = TE.T5Tokenizer(os.path.join(t5_toy_dir, "spiece.model"), max_length=max_length)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ids, mask = tok(texts)
+        want = hf(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        assert torch.equal(ids, want["input_ids"]), max_length
+        assert torch.equal(mask, want["attention_mask"].bool()), max_length
+    assert ids[texts.index("")].tolist()[:2] == [1, 0]  # an empty caption: eos only, then padding
+
+
+def test_t5_toy_round_trip_deterministic_and_loads_in_transformers(tmp_path, t5_toy_dir):
+    from transformers import T5EncoderModel
+    shuffled = _T5_CAPTIONS + _T5_TEXT
+    random.Random(3).shuffle(shuffled)
+    TE.make_toy_t5(str(tmp_path / "again"), shuffled, seed=0)  # caption order must not matter
+    for name in ("config.json", "model.safetensors", "spiece.model"):
+        assert open(os.path.join(t5_toy_dir, name), "rb").read() == open(str(tmp_path / "again" / name), "rb").read()
+    a, b = TE.load_t5(t5_toy_dir), TE.load_t5(str(tmp_path / "again"))
+    caps = ["three high-pitched beeps", "one low sine tone", "noise bursts"]
+    ea, ma = a.encode(caps)
+    eb, mb = b.encode(caps)
+    assert torch.equal(ea, eb) and torch.equal(ma, mb)
+    assert a.cfg.d_model == a.dim == 128 and not a.cfg.is_gated_act
+    assert len(a.tokenizer([caps[0]])[0][0]) <= 8  # word-level pieces, not single letters
+    pooled = torch.nn.functional.normalize(ea.masked_fill(~ma[..., None], -1e9).max(1).values, dim=-1)
+    assert (pooled @ pooled.T - torch.eye(3)).max() < 0.99  # different captions, different embeddings
+    TE.make_toy_t5(str(tmp_path / "seed1"), shuffled, seed=1)  # another seed: same tokenizer, other weights
+    s1 = TE.load_t5(str(tmp_path / "seed1"))
+    assert torch.equal(s1.tokenizer(caps)[0], a.tokenizer(caps)[0]) and not torch.equal(s1.shared.weight, a.shared.weight)
+    hf, info = T5EncoderModel.from_pretrained(t5_toy_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _t5_check_equal(hf.eval(), a, caps)
+
+
+def test_t5_bad_directories(tmp_path, t5_toy_dir):
+    for name in ("config.json", "spiece.model", "model.safetensors"):
+        d = tmp_path / f"no_{name}"
+        shutil.copytree(t5_toy_dir, d)
+        os.remove(d / name)
+        with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+            TE.load_t5(str(d))
+    d = tmp_path / "cfg"
+    shutil.copytree(t5_toy_dir, d)
+    cfg = json.load(open(d / "config.json"))
+    for change, match in (({"model_type": "bert"}, "model_type is 'bert'"), ({"d_kv": None}, r"missing .*d_kv"),
+                          ({"is_gated_act": True}, "do not fit config.json"),
+                          ({"d_model": 64}, "do not fit config.json"), ({"vocab_size": 10}, "pieces")):
+        bad = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+        json.dump(bad, open(d / "config.json", "w"))
+        with pytest.raises(ValueError, match=match):
+            TE.load_t5(str(d))
+
+
+def test_t5_empty_caption_truncation_and_frozen(t5_toy_dir):
+    t5 = TE.load_t5(t5_toy_dir, max_length=6)
+    ids, mask = t5.tokenizer(["", "noise bursts"])
+    assert ids[0].tolist()[: mask[0].sum()] == [1] and mask[0].sum() == 1  # empty caption -> eos only
+    emb, m = t5.encode(["", "noise bursts", None])
+    # An empty (CFG-dropped) caption is masked out entirely, as audiocraft does: its row is exactly zero.
+    assert not m[0].any() and not m[2].any() and (emb[0] == 0).all()
+    alone, m1 = t5.encode(["noise bursts"])
+    torch.testing.assert_close(emb[1][m[1]], alone[0][m1[0]])
+    long = "two high-pitched beeps and " * 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, _ = t5.tokenizer([long, "noise"])
+        t5.tokenizer([long, long])
+    assert len(caught) == 1 and "max_length=6" in str(caught[0].message)
+    assert ids.shape[1] == 6 and ids[0, -1] == 1  # truncated, eos kept last
+    assert not t5.training and not emb.requires_grad and not any(p.requires_grad for p in t5.parameters())
+    for bad in ("noise bursts", [], ["ok", 3]):
+        with pytest.raises(ValueError, match="list of strings"):
+            t5.encode(bad)
+    ft = TE.load_t5(t5_toy_dir, finetune=True)
+    e, mk = ft.encode(["noise bursts"])
+    e.sum().backward()
+    assert ft.shared.weight.grad is not None and ft.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+
+
+# ==================================================================================================
+# lm.py + sample.py: delay-pattern LM, CFG sampling (issue 4)
+# ==================================================================================================
+
+# Tests of lm.py and sample.py (merged into test_all.py by the coordinator).
+
+
+
+
+def _lm_tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LM.lm_config("toy", **{**dict(dim=32, num_layers=2, num_heads=2, card=16, text_dim=8, max_frames=64), **kw})
+    m = LM.AudioLM(cfg).eval()
+    with torch.no_grad():  # larger weights than the init: peaky, input-dependent logits make the tests sharper
+        for p in m.parameters():
+            p.mul_(3.0)
+        m.text_proj.bias.fill_(0.5)  # a non-zero bias: masked text must still be exactly zero after projection
+    return m
+
+
+def _lm_text(B=2, Tt=5, Dt=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, Tt, dtype=torch.bool)
+    mask[-1, 2:] = False  # last caption padded
+    return torch.randn(B, Tt, Dt, generator=g), mask
+
+
+# ---------------------------------------------------------------- equivalence with transformers' MusicGen decoder
+
+def _lm_hf_to_audiocraft(hf_sd, num_layers):
+    """transformers MusicgenForCausalLM names -> audiocraft LMModel names (inverse of convert_musicgen_transformers)."""
+    ren = [("model.decoder.embed_tokens", "emb"), ("model.decoder.layer_norm", "out_norm"),
+           ("model.decoder", "transformer"), ("encoder_attn_layer_norm", "norm_cross"),
+           ("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2"), ("encoder_attn", "cross_attention"),
+           ("fc1", "linear1"), ("fc2", "linear2"), ("lm_heads", "linears")]
+    sd = {}
+    for name, p in hf_sd.items():
+        if "embed_positions" in name:
+            continue
+        for a, b in ren:
+            name = name.replace(a, b)
+        sd[name] = p.clone()
+    for i in range(num_layers):
+        for att in ("self_attn", "cross_attention"):
+            pre = f"transformer.layers.{i}.{att}."
+            sd[pre + "in_proj_weight"] = torch.cat([sd.pop(pre + f"{x}_proj.weight") for x in "qkv"])  # fused q/k/v
+    return sd
+
+
+def test_matches_transformers_musicgen_decoder(tmp_path):
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    torch.manual_seed(0)
+    card, K, D, H, layers, Dt = 16, 4, 64, 4, 2, 24
+    hf = MusicgenForCausalLM(MusicgenDecoderConfig(
+        vocab_size=card, hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, ffn_dim=4 * D,
+        num_codebooks=K, max_position_embeddings=64, dropout=0.0, pad_token_id=card, bos_token_id=card)).eval()
+    with torch.no_grad():  # random everything, norms included, so that every name mapping is exercised
+        for n, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "layer_norm.weight" in n else 0.0))
+    proj = torch.nn.Linear(Dt, D)  # MusicGen's enc_to_dec_proj: lives in the conditioner in audiocraft
+    sd = _lm_hf_to_audiocraft(hf.state_dict(), layers)
+    sd["condition_provider.conditioners.description.output_proj.weight"] = proj.weight.detach()
+    sd["condition_provider.conditioners.description.output_proj.bias"] = proj.bias.detach()
+    cfg = yaml.safe_dump({"transformer_lm": {"dim": D, "num_heads": H, "num_layers": layers, "n_q": K, "card": card},
+                          "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [0, 1, 2, 3]}}})
+    torch.save({"best_state": sd, "xp.cfg": cfg}, tmp_path / "state_dict.bin")  # xp.cfg as YAML, like exports
+    ours = LM.load_musicgen(str(tmp_path / "state_dict.bin"))
+    assert (ours.cfg.dim, ours.cfg.num_heads, ours.cfg.num_layers, ours.cfg.card) == (D, H, layers, card)
+
+    B, Tt, S = 3, 6, 11
+    text = torch.randn(B, Tt, Dt)
+    mask = torch.ones(B, Tt, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False
+    seq = torch.randint(0, card + 1, (B, K, S))  # HF's forward takes already-delayed ids: feed the same ones
+    with torch.no_grad():
+        enc = proj(text) * mask[..., None]  # zero-padded, no encoder mask: audiocraft's cross-attention (§5)
+        ref = hf(input_ids=seq.reshape(B * K, S), encoder_hidden_states=enc).logits.reshape(B, K, S, card)
+        logits, hidden = ours(seq, text, mask)
+    assert logits.shape == (B, K, S, card) and hidden.shape == (B, S, D)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_load_musicgen_plain_dict_cfg_and_mismatches(tmp_path):
+    m = _lm_tiny_model()
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith("text_proj")}
+    sd.update({"condition_provider.conditioners.description.output_proj." + k[len("text_proj."):]: v
+               for k, v in m.state_dict().items() if k.startswith("text_proj")})
+    path = str(tmp_path / "state_dict.bin")
+    torch.save({"best_state": sd, "xp.cfg": {"transformer_lm": {"num_heads": 2}}}, path)
+    loaded = LM.load_musicgen(path)
+    seq = torch.randint(0, 17, (2, 4, 6))
+    text, mask = _lm_text()
+    torch.testing.assert_close(loaded(seq, text, mask)[0], m(seq, text, mask)[0], atol=0, rtol=0)
+    torch.save({"best_state": sd, "xp.cfg": {"transformer_lm": {"num_heads": 2, "num_layers": 3}}}, path)
+    with pytest.raises(ValueError, match="num_layers=3"):
+        LM.load_musicgen(path)
+    torch.save({"best_state": sd, "xp.cfg": {"codebooks_pattern": {"modeling": "parallel"}}}, path)
+    with pytest.raises(ValueError, match="only 'delay'"):
+        LM.load_musicgen(path)
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        LM.load_musicgen(str(tmp_path / "nope.bin"))
+    bad = dict(m.state_dict())
+    del bad["transformer.layers.1.linear2.weight"]
+    bad["out_norm.weight"] = torch.ones(5)
+    with pytest.raises(ValueError, match=r"(?s)transformer.layers.1.linear2.weight.*out_norm.weight: file \(5,\)"):
+        LM.load_state_checked(LM.AudioLM(m.cfg), bad, "x.pt")
+    with pytest.raises(ValueError, match=r"(?s)x.pt: .*missing keys \(1\)"):
+        LM.lm_from_state_dict(m.cfg, bad, "x.pt")
+
+
+# ---------------------------------------------------------------- delay pattern
+
+def _lm_audiocraft_layout(K, T):
+    """audiocraft's DelayedPatternProvider(n_q=K).get_pattern(T).layout, written out: [[]] then, for
+    t in 0..T+K-2, the coordinates (frame t-k, codebook k) with t-k >= 0."""
+    return [[]] + [[(t - k, k) for k in range(K) if t - k >= 0] for t in range(T + K - 1)]
+
+
+def test_delay_pattern_matches_audiocraft_rule():
+    B, K, T, special = 2, 4, 7, 99
+    codes = torch.randint(0, 16, (B, K, T))
+    layout = _lm_audiocraft_layout(K, T)
+    for full, steps in ((True, len(layout)), (False, T + 1)):  # keep_only_valid_steps: first T+1 steps
+        ref = torch.full((B, K, steps), special)
+        for s, coords in enumerate(layout[:steps]):
+            for t, k in coords:
+                if t < T:
+                    ref[:, k, s] = codes[:, k, t]
+        assert torch.equal(LM.build_delay_pattern(codes, special, full=full), ref)
+    assert torch.equal(LM.revert_delay_pattern(LM.build_delay_pattern(codes, special, full=True)), codes)
+    valid = LM.delay_valid_mask(K, T)
+    assert valid.sum(1).tolist() == [T - k for k in range(K)]  # codebook k loses its last k frames
+    back = LM.revert_delay_pattern(LM.build_delay_pattern(codes, special), num_frames=T, fill=special)
+    assert torch.equal(back, torch.where(valid, codes, torch.full_like(codes, special)))
+    # logits: frame t of codebook k is predicted at step t+k (audiocraft's revert_pattern_logits)
+    logits = torch.randn(B, K, T + 1, 3)
+    rl = LM.revert_delay_pattern(logits, num_frames=T, fill=float("nan"), logits=True)
+    for k in range(K):
+        for t in range(T):
+            if valid[k, t]:
+                assert torch.equal(rl[:, k, t], logits[:, k, t + k])
+    assert torch.isnan(rl[:, ~valid]).all()
+
+
+# ---------------------------------------------------------------- model, loss, init
+
+def test_dropped_text_equals_empty_text():
+    m = _lm_tiny_model()
+    seq = LM.build_delay_pattern(torch.randint(0, 16, (2, 4, 9)), 16)
+    text, _ = _lm_text()
+    empty = torch.zeros(2, 5, dtype=torch.bool)  # the null condition: an empty caption, fully masked (§5)
+    with torch.no_grad():
+        a, ha = m(seq, None, None)
+        b, hb = m(seq, text, empty)
+        c, _ = m(seq, text, None)
+    assert torch.equal(a, b) and torch.equal(ha, hb)
+    assert not torch.allclose(a, c)  # and the text does matter when present
+
+
+def test_lm_loss_alignment_masks_and_hidden():
+    m = _lm_tiny_model()
+    B, K, T = 3, 4, 10
+    codes = torch.randint(0, 16, (B, K, T))
+    text, mask = _lm_text(B)
+    fm = torch.ones(B, T, dtype=torch.bool)
+    fm[1, 6:] = False  # a zero-padded clip: 6 valid frames
+    out = LM.lm_loss(m, codes, text, mask, frame_mask=fm)
+    logits, hidden = m(LM.build_delay_pattern(codes, 16), text, mask)
+    rl = LM.revert_delay_pattern(logits, num_frames=T, logits=True)  # (B, K, T, card)
+    valid = LM.delay_valid_mask(K, T)[None] & fm[:, None]
+    ref = torch.stack([F.cross_entropy(rl[:, k][valid[:, k]], codes[:, k][valid[:, k]]) for k in range(K)])
+    torch.testing.assert_close(out["per_codebook_ce"], ref)
+    torch.testing.assert_close(out["loss"], ref.mean())
+    assert torch.equal(out["mask"], valid)
+    assert out["hidden"].shape == (B, T, 32) and torch.equal(out["hidden"], hidden[:, :T])
+    assert torch.equal(out["hidden_mask"], fm)
+    out["loss"].backward()
+    assert m.emb[3].weight.grad.abs().sum() > 0 and m.text_proj.weight.grad.abs().sum() > 0
+    m.zero_grad()
+    dropped = LM.lm_loss(m, codes, text, mask, drop_text=True, frame_mask=fm)
+    dropped["loss"].backward()
+    assert m.text_proj.weight.grad is None or m.text_proj.weight.grad.abs().sum() == 0  # CFG step: no text
+    with pytest.raises(ValueError, match="at least 4 frames"):
+        LM.lm_loss(m, codes[..., :3], text, mask)
+
+
+def test_init_follows_audiocraft_depthwise_rule():
+    torch.manual_seed(0)
+    cfg = LM.lm_config("toy", dim=128, num_layers=4, num_heads=4, card=64, text_dim=8)
+    m = LM.AudioLM(cfg)
+    trunc = 0.9866  # std of a normal truncated at 3 sigma
+    for i, layer in enumerate(m.transformer.layers):
+        for w, fan_in in ((layer.linear1.weight, 128), (layer.linear2.weight, 512), (layer.self_attn.out_proj.weight, 128)):
+            want = trunc / math.sqrt(fan_in) / math.sqrt(2 * (i + 1))
+            assert abs(w.std().item() / want - 1) < 0.06, (i, w.shape)
+            assert w.abs().max().item() <= 3 * want / trunc + 1e-6
+        # in_proj_weight keeps PyTorch's Linear default (audiocraft's init pass skips the bare Parameter)
+        assert abs(layer.self_attn.in_proj_weight.std().item() * math.sqrt(3 * 128) - 1) < 0.06
+    assert abs(m.emb[0].weight.std().item() * math.sqrt(128) / trunc - 1) < 0.06
+    assert abs(m.linears[0].weight.std().item() * math.sqrt(128) / trunc - 1) < 0.06
+    with pytest.raises(ValueError, match="card"):
+        LM.lm_config("toy")  # toy needs the codec's card and the T5 width
+
+
+# ---------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(top_k=5), dict(top_p=0.8), dict(top_k=0, temperature=1.5)])
+def test_cached_generation_equals_uncached(kw):
+    m = _lm_tiny_model()
+    text, mask = _lm_text()
+    a = LM.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False, **kw)
+    b = LM.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False,
+                    use_cache=False, **kw)
+    assert a.shape == (2, 4, 16) and a.dtype == torch.long and int(a.max()) < 16
+    assert torch.equal(a, b)
+
+
+def test_cfg_one_equals_conditional_and_guidance_matters():
+    m = _lm_tiny_model()
+    text, mask = _lm_text()
+    run = lambda c, seed=5: LM.generate(m, text, mask, 16, cfg_coef=c, top_k=6,
+                                        generator=torch.Generator().manual_seed(seed), progress=False)
+    cond = run(None)  # conditional model alone, no null-condition rows
+    assert torch.equal(run(1.0), cond)
+    assert not torch.equal(run(3.0), cond)
+    assert torch.equal(run(3.0), run(3.0)) and not torch.equal(run(3.0, seed=6), run(3.0))
+
+
+def test_greedy_cfg_matches_reference_decoder():
+    """Independent reference: full forward, logits = uncond + c (cond - uncond), argmax, pattern by hand."""
+    m = _lm_tiny_model()
+    text, mask = _lm_text()
+    B, K, T, c, card = 2, 4, 6, 3.0, 16
+    seq = torch.full((B, K, T + K), card)
+    with torch.no_grad():
+        for s in range(T + K - 1):
+            lc = m(seq[:, :, :s + 1], text, mask)[0][:, :, -1]
+            lu = m(seq[:, :, :s + 1], None, None)[0][:, :, -1]
+            nxt = (lu + c * (lc - lu)).argmax(-1)
+            for k in range(K):  # step s+1 holds frame s-k of codebook k
+                seq[:, k, s + 1] = nxt[:, k] if 0 <= s - k < T else card
+    ref = torch.stack([seq[:, k, 1 + k:1 + k + T] for k in range(K)], 1)
+    out = LM.generate(m, text, mask, T, cfg_coef=c, temperature=0.0, progress=False)
+    assert torch.equal(out, ref)
+    uncond = LM.generate(m, None, None, T, temperature=0.0, progress=False, num_samples=2)
+    assert uncond.shape == (2, 4, T)
+    with pytest.raises(ValueError, match="num_frames"):
+        LM.generate(m, text, mask, 65, progress=False)
+
+
+# ---------------------------------------------------------------- sample.py
+
+class _LMFakeCodec(torch.nn.Module):
+    sample_rate, frame_rate, num_codebooks, cardinality = 800, 50, 4, 16
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.01))
+
+    def decode(self, codes):  # (B, K, T) -> (B, 1, 16 T)
+        return (codes.float().sum(1, keepdim=True) * self.scale).repeat_interleave(16, dim=-1)
+
+
+class _LMFakeT5:
+    dim = 8
+
+    def encode(self, captions):
+        g = torch.Generator().manual_seed(len(captions))
+        return torch.randn(len(captions), 3, 8, generator=g), torch.ones(len(captions), 3, dtype=torch.bool)
+
+
+def test_generate_audio_shapes_seed_and_duration_limit():
+    m = _lm_tiny_model()
+    wav = sample.generate_audio(_LMFakeCodec(), _LMFakeT5(), m, ["a", "b"], 0.33, seed=1, progress=False)
+    assert wav.shape == (2, 1, round(0.33 * 800))  # 17 frames decoded, trimmed to the duration
+    assert torch.equal(wav, sample.generate_audio(_LMFakeCodec(), _LMFakeT5(), m, ["a", "b"], 0.33, seed=1, progress=False))
+    with pytest.raises(ValueError, match="positions for 64 frames"):
+        sample.generate_audio(_LMFakeCodec(), _LMFakeT5(), m, ["a"], 1.5, progress=False)
+    with pytest.raises(ValueError, match="> 0"):
+        sample.num_frames_for(0.0, 50, 64)
+
+
+def _lm_write_run(tmp_path, lm_sd, lm_config):
+    (tmp_path / "codec").mkdir()
+    (tmp_path / "codec" / "codec.pt").write_bytes(b"")
+    (tmp_path / "t5").mkdir()
+    torch.save({"lm_config": lm_config, "lm": lm_sd, "lm_ema": None, "train_config": {}, "codec": "codec/codec.pt",
+                "t5": "t5", "step": 1}, tmp_path / "lm.pt")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ([], "exactly one of --ckpt"),
+    (["--ckpt", "RUN"], "no prompts"),
+    (["--ckpt", "RUN", "ok", "  "], r"prompt\(s\) \[1\] are empty"),
+    (["--ckpt", "RUN", "--duration", "0", "x"], "--duration must be > 0"),
+    (["--ckpt", "RUN", "--top-p", "1.5", "x"], "top-p"),
+    (["--musicgen", "RUN", "x"], "needs --t5"),
+    (["--ckpt", "MISSING", "x"], "run not found"),
+])
+def test_sample_cli_rejects_bad_input(tmp_path, argv, msg):
+    _lm_write_run(tmp_path, _lm_tiny_model().state_dict(), {})
+    argv = [str(tmp_path) if a == "RUN" else str(tmp_path / "missing") if a == "MISSING" else a for a in argv]
+    with pytest.raises(SystemExit, match=msg):
+        sample.main(argv)
+
+
+def test_sample_cli_reports_checkpoint_mismatch(tmp_path):
+    m = _lm_tiny_model()
+    other = LM.AudioLM(LM.lm_config(dict(vars(m.cfg)), num_layers=1, dim=48))  # not the config in lm.pt
+    _lm_write_run(tmp_path, other.state_dict(), dict(vars(m.cfg)))
+    with pytest.raises(SystemExit, match=r"(?s)missing keys.*transformer\.layers\.1\..*shape mismatches.*\(17, 48\)"):
+        sample.main(["--ckpt", str(tmp_path), "--duration", "1", "a prompt"])
+    os.remove(tmp_path / "codec" / "codec.pt")
+    with pytest.raises(SystemExit, match="codec of .*lm.pt not found"):
+        sample.main(["--ckpt", str(tmp_path / "lm.pt"), "--duration", "1", "a prompt"])
+
+
+def test_sample_cli_writes_one_wav_per_prompt(tmp_path, monkeypatch):
+    import types
+    import soundfile as sf
+    m = _lm_tiny_model()
+    _lm_write_run(tmp_path, m.state_dict(), dict(vars(m.cfg)))
+    # stand-ins for codec.py / text_encoder.py (other owners): only the SPEC.md interface is used
+    monkeypatch.setitem(sys.modules, "codec", types.SimpleNamespace(load_codec=lambda path, device="cpu": _LMFakeCodec()))
+    monkeypatch.setitem(sys.modules, "text_encoder", types.SimpleNamespace(load_t5=lambda d, device="cpu": _LMFakeT5()))
+    sample.main(["--ckpt", str(tmp_path), "--duration", "0.5", "--seed", "3", "one beep", "two low beeps"])
+    files = sorted(os.listdir(tmp_path / "samples"))
+    assert files == ["000_one_beep.wav", "001_two_low_beeps.wav"]
+    wav, sr = sf.read(tmp_path / "samples" / files[1])
+    assert sr == 800 and wav.shape == (400,) and abs(wav).max() > 0
+    _LMFakeCodec.cardinality = 32  # a codec that does not fit the LM
+    try:
+        with pytest.raises(SystemExit, match="LM expects 4 codebooks x 16 codes"):
+            sample.main(["--ckpt", str(tmp_path), "--duration", "0.5", "x"])
+    finally:
+        _LMFakeCodec.cardinality = 16
+    with pytest.raises(SystemExit, match="positions for 64 frames"):
+        sample.main(["--ckpt", str(tmp_path), "--duration", "3", "x"])
+
+
+# ==================================================================================================
+# rr_loss.py + train.py: the objective under FSDP (issue 5)
+# ==================================================================================================
+
+# Tests of rr_loss.py (Eq. 3-5 against a loop transcription, masking, gradients) and train.py (CFG steps, world-size
+# invariance under torchrun, exact resume after SIGTERM, NaN stop, checkpoints that sample.py loads, bad inputs).
+
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------- rr_loss
+def _rr_loops(text, tmask, audio, amask, pool):
+    """Eq. 3-5 written out with python loops in float64."""
+    B = text.shape[0]
+
+    def F(x, m, b):  # pooling over the real positions of sample b only
+        rows = [x[b, t].double() for t in range(x.shape[1]) if m[b, t]]
+        if pool == "max":
+            out = rows[0]
+            for r in rows[1:]:
+                out = torch.maximum(out, r)
+            return out
+        return sum(rows) / len(rows)
+
+    T = [F(text, tmask, b) for b in range(B)]
+    A = [F(audio, amask, b) for b in range(B)]
+    cos = lambda u, v: float(u @ v) / (float(u.norm()) * float(v.norm()))
+    total = 0.0
+    for b in range(B):
+        for b2 in range(B):
+            if b != b2:
+                total += (cos(T[b], T[b2]) - cos(A[b], A[b2])) ** 2
+    return total / (B * (B - 1))
+
+
+def _lengths_mask(lengths, T):
+    return torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_rr_loss_matches_loop_transcription(pool):
+    g = torch.Generator().manual_seed(0)
+    B, Tt, Ta = 5, 7, 11
+    text, audio = torch.randn(B, Tt, 6, generator=g), torch.randn(B, Ta, 9, generator=g)
+    tmask, amask = _lengths_mask([7, 3, 5, 1, 6], Tt), _lengths_mask([11, 4, 9, 2, 7], Ta)
+    got = rr_loss.rr_loss(text, tmask, audio, amask, pool=pool).item()
+    assert got == pytest.approx(_rr_loops(text, tmask, audio, amask, pool), rel=1e-5, abs=1e-7)
+    assert got > 1e-3  # not trivially zero
+
+
+def test_rr_max_pool_ignores_padding_even_when_huge():
+    g = torch.Generator().manual_seed(1)
+    B, T = 4, 8
+    text = torch.randn(B, 5, 6, generator=g)
+    audio = -torch.rand(B, T, 6, generator=g) - 0.1  # all real values negative: a zero fill would win the max
+    tmask, amask = _lengths_mask([5, 2, 4, 3], 5), _lengths_mask([8, 3, 5, 2], T)
+    ref = _rr_loops(text, tmask, audio, amask, "max")
+    for fill in (0.0, 1e6, -1e6):
+        a = audio.masked_fill(~amask[..., None], fill)
+        t = text.masked_fill(~tmask[..., None], fill)
+        assert rr_loss.rr_loss(t, tmask, a, amask).item() == pytest.approx(ref, rel=1e-5)
+    pooled = rr_loss.pool_time(audio.masked_fill(~amask[..., None], 1e6), amask, "max")
+    assert torch.equal(pooled[1], audio[1, :3].amax(0))
+
+
+def test_rr_gradient_flows_to_audio_not_to_detached_text():
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(3, 4, 5, generator=g, requires_grad=True)
+    audio = torch.randn(3, 6, 5, generator=g, requires_grad=True)
+    tmask, amask = _lengths_mask([4, 2, 3], 4), _lengths_mask([6, 5, 2], 6)
+    rr_loss.rr_loss(src.detach(), tmask, audio, amask).backward()
+    assert src.grad is None
+    assert audio.grad is not None and audio.grad.abs().sum() > 0
+    assert audio.grad[~amask].abs().sum() == 0  # padded frames get nothing
+
+
+def test_rr_needs_two_samples():
+    with pytest.raises(ValueError, match="B\\(B-1\\)"):
+        rr_loss.rr_loss(torch.randn(1, 3, 4), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 5, 4),
+                        torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        rr_loss.pool_time(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), "median")
+
+
+# ----------------------------------------------------------------------------------------------- CFG steps
+def test_cfg_step_logits_ignore_the_caption():
+    torch.manual_seed(0)
+    model = LM.AudioLM(LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
+    codes = torch.randint(0, 16, (2, 4, 6))
+    fm = torch.ones(2, 6, dtype=torch.bool)
+    t1, t2 = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    m1, m2 = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        cfg1, cfg2 = (train.lm_forward(model, codes, t, m, True, fm) for t, m in ((t1, m1), (t2, m2)))
+        con1, con2 = (train.lm_forward(model, codes, t, m, False, fm) for t, m in ((t1, m1), (t2, m2)))
+    assert torch.equal(cfg1["logits"], cfg2["logits"]) and torch.equal(cfg1["ce_sum"], cfg2["ce_sum"])
+    assert (con1["logits"] - con2["logits"]).abs().max() > 1e-3
+
+
+def test_cfg_draw_is_seeded_per_step():
+    c = train.TrainConfig(cfg_prob=0.3, seed=5)
+    draws = [train.cfg_dropped(c, s) for s in range(400)]
+    assert draws == [train.cfg_dropped(c, s) for s in range(400)]  # same on every rank / after a resume
+    assert 0.2 < np.mean(draws) < 0.4
+    assert draws != [train.cfg_dropped(train.TrainConfig(cfg_prob=0.3, seed=6), s) for s in range(400)]
+
+
+# ----------------------------------------------------------------------------------------------- tiny runs
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny manifest (clips shorter and longer than the segment), an untrained tiny codec, a toy T5."""
+    root = str(tmp_path_factory.mktemp("tiny"))
+    os.makedirs(f"{root}/wav")
+    rng, sr = np.random.default_rng(0), 8000
+    for split, n in (("train", 8), ("valid", 3)):
+        lines = []
+        for i in range(n):
+            c = data.ALL_COMBOS[(7 * i + (split == "valid")) % len(data.ALL_COMBOS)]
+            wav = data.synth_clip(c["count"], c["pitch"], c["kind"], rng, sample_rate=sr, duration=1.3)
+            sf.write(f"{root}/wav/{split}{i}.wav", wav[:int([1.0, 0.6, 0.9, 1.3][i % 4] * sr)], sr)
+            lines.append(json.dumps(dict(path=f"wav/{split}{i}.wav", text=data.make_caption(c["count"], c["pitch"],
+                                                                                              c["kind"], rng))))
+        with open(f"{root}/{split}.jsonl", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    cfg = codec_lib.CodecConfig(sample_rate=sr, ratios=(8, 5, 4, 2), n_filters=4, dimension=8, bins=16, lstm=0)
+    torch.manual_seed(0)
+    model = codec_lib.EncodecModel(cfg)
+    for layer in model.quantizer.vq["layers"]:  # random codebooks: an untrained codec would emit one code
+        layer._codebook.embed.normal_(0, 0.05)
+        layer._codebook.inited.fill_(1)
+    torch.save({"config": asdict(cfg), "model": model.state_dict()}, f"{root}/codec.pt")
+    with open(f"{root}/train.jsonl") as f:
+        text_encoder.make_toy_t5(f"{root}/t5", [json.loads(line)["text"] for line in f])
+    return root
+
+
+def _args(tiny, run_dir, *extra):
+    return ["--preset", "toy", "--manifest", f"{tiny}/train.jsonl", "--valid-manifest", f"{tiny}/valid.jsonl",
+            "--codec", f"{tiny}/codec.pt", "--t5", f"{tiny}/t5", "--run-dir", str(run_dir), "--lm-dim", "32",
+            "--lm-layers", "2", "--lm-heads", "2", "--segment-seconds", "0.64", "--global-batch", "4",
+            "--steps", "8", "--cfg-prob", "0.5", "--eval-every", "4", "--save-every", "100", "--samples", "0",
+            "--threads", "0", *extra]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """One process, no accumulation (micro batch 4): the trajectory the other runs must reproduce."""
+    run = tmp_path_factory.mktemp("ref")
+    train.main(_args(tiny, run, "--micro-batch", "4"))
+    return str(run), _metrics(run)
+
+
+def _same_losses(a, b, tol):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["cfg"] == y["cfg"]
+        for k in ("loss", "ce", "rr", "val_ce"):
+            assert (x.get(k) is None) == (y.get(k) is None), (k, x, y)
+            if x.get(k) is not None:
+                assert abs(x[k] - y[k]) < tol, (k, x, y)
+
+
+def test_torchrun_two_ranks_match_one_process(tiny, reference, tmp_path):
+    """2 ranks x micro batch 1 x accumulation 2 (FSDP2, gloo) == 1 process x micro batch 4, CFG steps included."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *_args(tiny, run, "--micro-batch", "1")]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, got = reference[1], _metrics(run)
+    assert {r["cfg"] for r in ref} == {True, False}  # steps with and without CFG
+    assert all(r["rr"] is not None for r in ref if r["cfg"]) and all(r["rr"] is None for r in ref if not r["cfg"])
+    assert all(r["cfg_ranks"] == (2 if r["cfg"] else 0) for r in got)  # both ranks made the same CFG decision
+    _same_losses(ref, got, 1e-5)
+
+
+def test_gradient_accumulation_matches(tiny, reference, tmp_path):
+    train.main(_args(tiny, tmp_path, "--micro-batch", "2"))
+    _same_losses(reference[1], _metrics(tmp_path), 1e-5)
+
+
+def test_sigterm_then_resume_continues_the_same_trajectory(tiny, reference, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *_args(tiny, tmp_path, "--micro-batch", "4")]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mfile, t0 = tmp_path / "metrics.jsonl", time.time()
+    while p.poll() is None and time.time() - t0 < 120:
+        if mfile.exists() and len(mfile.read_text().splitlines()) >= 2:
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out[-3000:]
+    stopped = len(_metrics(tmp_path))
+    assert 2 <= stopped < 8 and "SIGTERM" in out  # stopped early, cleanly
+    with open(tmp_path / "state" / "train_state.json") as f:
+        assert json.load(f)["step"] == stopped
+    assert torch.load(tmp_path / "lm.pt", weights_only=True)["step"] == stopped
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4"))  # the same command resumes
+    _same_losses(reference[1], _metrics(tmp_path), 1e-6)
+
+
+def test_checkpoint_loads_in_sample(reference):
+    run, _ = reference
+    codec, t5, lm = sample.load_run(run)
+    ckpt = torch.load(os.path.join(run, "lm.pt"), weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["train_config"]["segment_seconds"] == 0.64
+    for k, v in lm.state_dict().items():  # sample.py takes the EMA weights
+        assert torch.equal(v, ckpt["lm_ema"][k])
+    assert any(not torch.equal(ckpt["lm"][k], ckpt["lm_ema"][k]) for k in ckpt["lm"])
+    wav = sample.generate_audio(codec, t5, lm, ["two low beeps"], duration=0.2, seed=0, progress=False)
+    assert wav.shape == (1, 1, 1600) and torch.isfinite(wav).all()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
+    real, calls = train.lm_forward, []
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) > 3:  # step 4 (one forward per step, no accumulation, no CFG pre-pass)
+            out["ce_sum"] = out["ce_sum"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "lm_forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss nan at step 4.*last good checkpoint \\(step 2\\)"):
+        train.main(_args(tiny, tmp_path, "--micro-batch", "4", "--save-every", "2", "--eval-every", "100"))
+    assert torch.load(tmp_path / "lm.pt", weights_only=True)["step"] == 2
+    with open(tmp_path / "state" / "train_state.json") as f:
+        assert json.load(f)["step"] == 2
+
+
+def test_bad_inputs(tiny, reference, tmp_path):
+    with pytest.raises(SystemExit, match="unknown preset 'tiny'"):
+        train.main(["--preset", "tiny"])
+    with pytest.raises(SystemExit, match="--codec is required for preset 'audiogen-16khz'"):
+        train.main(["--preset", "audiogen-16khz", "--manifest", f"{tiny}/train.jsonl", "--t5", f"{tiny}/t5"])
+    with pytest.raises(SystemExit, match="--global-batch 5 is not divisible by world size 1 x --micro-batch 2"):
+        train.main(_args(tiny, tmp_path / "a", "--global-batch", "5", "--micro-batch", "2"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="empty.jsonl: no usable items"):
+        train.main(_args(tiny, tmp_path / "b", "--manifest", str(empty)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "nowhere.wav", "text": "x"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl line 1: audio file not found"):
+        train.main(_args(tiny, tmp_path / "c", "--manifest", str(bad)))
+    with pytest.raises(SystemExit, match="config differs in lr \\(saved 0.002, now 0.01\\), rr_weight"):
+        train.main(_args(tiny, reference[0], "--micro-batch", "4", "--lr", "0.01", "--rr-weight", "1"))
+
+
+# ==================================================================================================
+# evaluate.py: toy oracle and metrics (issue 6)
+# ==================================================================================================
+
+# Tests of evaluate.py: the signal-processing oracle and the toy metric trio.
+
+
+
+def _toy_items(seeds=(0, 1)):
+    """Freshly synthesised clips of every attribute combination, as evaluate.score's items."""
+    items = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        for c in data.ALL_COMBOS:
+            held = any(all(h.get(k) == c.get(k) for k in ("count", "pitch", "kind")) for h in data.HELD_OUT_COMBOS)
+            wav = data.synth_clip(c["count"], c["pitch"], c["kind"], rng)
+            items.append(dict(attributes=dict(c, held_out=held), wav=wav))
+    return items
+
+
+def _degrade(x, rng, snr_db=20.0):
+    """Codec-like damage: a short noisy reverb tail, a 6 kHz low-pass and hiss at snr_db below the events."""
+    ir = rng.standard_normal(1600) * np.exp(-np.arange(1600) / 400.0)
+    y = x + np.convolve(x, ir * 0.3 / np.sqrt((ir ** 2).sum()))[:len(x)]
+    spec = np.fft.rfft(y)
+    spec[np.fft.rfftfreq(len(y), 1 / 16000) > 6000] = 0
+    y = np.fft.irfft(spec, len(y))
+    power = (y[np.abs(y) > 1e-3] ** 2).mean()
+    return y + rng.standard_normal(len(y)) * np.sqrt(power) * 10 ** (-snr_db / 20)
+
+
+def test_oracle_recognises_every_combo():
+    assert len(data.ALL_COMBOS) == 30
+    wrong = []
+    for it in _toy_items(seeds=(0, 1, 2)):
+        got = evaluate.analyse_clip(it["wav"])
+        want = it["attributes"]
+        if (got["count"], got["pitch"], got["kind"]) != (want["count"], want["pitch"], want["kind"]):
+            wrong.append((want, got))
+    assert not wrong, wrong[:5]
+
+
+def test_oracle_robust_to_codec_like_damage():
+    rng = np.random.default_rng(123)
+    items = _toy_items(seeds=(3,))
+    label = lambda x: evaluate.combo_label(evaluate.analyse_clip(x))
+    ok = [label(_degrade(it["wav"], rng)) == evaluate.combo_label(it["attributes"]) for it in items]
+    assert np.mean(ok) >= 0.95, np.mean(ok)
+
+
+@pytest.mark.parametrize("level", [0.0, 1e-5])
+def test_oracle_silence_has_no_events(level):
+    x = np.random.default_rng(0).standard_normal(32000).astype(np.float32) * level
+    got = evaluate.analyse_clip(x)
+    assert got["count"] == 0 and got["kind"] is None and got["pitch"] is None
+    assert evaluate.combo_label(got) == "other"
+
+
+def test_metrics_of_reference_against_itself_are_perfect():
+    items = _toy_items(seeds=(0,))
+    res = evaluate.score(items, [[it["wav"]] for it in items])
+    assert set(res) == {"all", "seen", "held_out"} and res["held_out"]["n_prompts"] >= 4
+    for m in res.values():
+        for k in ("acc_count", "acc_pitch", "acc_kind", "acc_all", "agree"):
+            assert m[k] == 1.0, (k, m)
+        assert m["kl"] == 0.0
+        assert m["fd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metrics_detect_wrong_audio():
+    items = _toy_items(seeds=(0,))
+    rolled = [[items[(i + 1) % len(items)]["wav"]] for i in range(len(items))]  # each prompt gets another's clip
+    res = evaluate.score(items, rolled)["all"]
+    assert res["acc_all"] < 0.2 and res["agree"] < 0.8 and res["kl"] > 0.5
+    noise_only = [[items[-1]["wav"]] for _ in items]  # one noise clip for every prompt
+    assert evaluate.score(items, noise_only)["all"]["fd"] > 10.0
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
+    b = 2 * a + 1  # mu_b = 2 mu_a + 1, S_b = 4 S_a  ->  FD = |mu_a + 1|^2 + Tr(S_a)
+    want = ((a.mean(0) + 1) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert evaluate.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
