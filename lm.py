@@ -264,8 +264,7 @@ def _cached_stepper(lm, ctx, B, N, S):
     cfg, p = lm.cfg, next(lm.parameters())
     D, H, K = cfg.dim, cfg.num_heads, cfg.num_codebooks
     hd = D // H
-    table = torch.cat([e.weight for e in lm.emb])  # (K*(card+1), D): one lookup for all codebooks
-    offsets = torch.arange(K, device=p.device) * (cfg.card + 1)
+    embs = [e.weight for e in lm.emb]  # K tables (card+1, D), looked up in place: no copy of the weights
     pos = lm.pos_emb.to(p.dtype)
     layers = []
     for L in lm.transformer.layers:
@@ -280,7 +279,7 @@ def _cached_stepper(lm, ctx, B, N, S):
     onw, onb = lm.out_norm.weight, lm.out_norm.bias
 
     def step(s, tokens):
-        x = F.embedding(tokens + offsets, table).sum(1) + pos[s]  # (B, D)
+        x = pos[s] + sum(F.embedding(tokens[:, k], w) for k, w in enumerate(embs))  # (B, D)
         if N > B:
             x = torch.cat([x, x])  # (N, D): both halves see the same audio prefix
         for n1w, n1b, w_qkv, w_o, kv, ncw, ncb, w_q, ck, cv, w_co, n2w, n2b, w1, w2 in layers:
@@ -322,7 +321,7 @@ def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0
             else text_mask.to(p.device)
     valid = build_delay_pattern(torch.zeros(1, K, T, dtype=torch.long, device=p.device), -1, full=True)[0] >= 0
     seq = torch.full((B, K, S), card, dtype=torch.long, device=p.device)  # (B, K, S)
-    heads = torch.cat([lin.weight for lin in lm.linears])  # (K*card, D)
+    heads = [lin.weight for lin in lm.linears]  # K (card, D); not concatenated: a copy would add K*card*D memory
     if use_cache:
         step = _cached_stepper(lm, None if text is None else lm.project_text(text, text_mask), B, N, S)
     else:
@@ -337,7 +336,7 @@ def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0
         h = step(s, seq[:, :, s])  # (N, D)
         if guided:  # heads are linear without bias, so mixing hidden states = mixing logits, at half the head cost
             h = h[B:] + cfg_coef * (h[:B] - h[B:])
-        nxt = sample_next(F.linear(h, heads).view(B, K, card), temperature, top_k, top_p, generator)
+        nxt = sample_next(torch.stack([F.linear(h, w) for w in heads], 1), temperature, top_k, top_p, generator)
         seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, card)  # invalid pattern positions: special token
     return revert_delay_pattern(seq)  # (B, K, T)
 

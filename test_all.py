@@ -328,6 +328,14 @@ def test_atomic_writes(tmp_path):
 # codec.py: EnCodec + RVQ (issue 2)
 # ==================================================================================================
 
+@pytest.fixture
+def codec_one_thread():  # tiny models: one torch thread is many times faster on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = codec.CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2), n_filters=4, dimension=16, bins=32, lstm=1)
 
 
@@ -366,6 +374,7 @@ def _xp_cfg(sr, ratios, n_filters, dim, bins):  # the fields of an audiocraft co
                     "kmeans_iters": 50, "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0}}
 
 
+@pytest.mark.usefixtures("codec_one_thread")
 @pytest.mark.parametrize("sr,ratios,cfg_as", [(32000, (8, 5, 4, 4), "yaml"), (16000, (8, 5, 4, 2), "dict")])
 def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
     from transformers import EncodecConfig, EncodecModel
@@ -387,8 +396,8 @@ def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
     torch.save({"best_state": _hf_to_audiocraft(hf), "xp.cfg": yaml.safe_dump(xp) if cfg_as == "yaml" else xp,
                 "version": "1.0.0", "exported": True}, path)
     model = codec.load_audiocraft(path)
-    assert (model.sample_rate, model.hop_length, model.num_codebooks, model.cardinality) == \
-           (sr, math.prod(ratios), 4, bins)
+    assert (model.sample_rate, model.hop_length, model.frame_rate, model.num_codebooks, model.cardinality) == \
+           (sr, math.prod(ratios), 50.0, 4, bins)
     assert isinstance(codec.load_codec(path), codec.EncodecModel)  # load_codec dispatches on 'xp.cfg'
     x = torch.randn(2, 1, sr // 2 + 77, generator=g) * 0.3
     with torch.no_grad():
@@ -498,6 +507,7 @@ def test_kmeans_init_on_first_training_batch():
     torch.testing.assert_close(cb.embed, means, atol=1e-4, rtol=0)
 
 
+@pytest.mark.usefixtures("codec_one_thread")
 def test_commitment_and_straight_through_gradients():
     torch.manual_seed(0)
     rvq = codec.RVQ(codec.CodecConfig(dimension=4, bins=8, n_q=2, threshold_ema_dead_code=0)).train()
@@ -538,6 +548,7 @@ def toy_manifests(tmp_path_factory):
     return data.make_toy_dataset(str(root), seed=0, n_train=16, n_valid=4, n_test=8, progress=False)
 
 
+@pytest.mark.usefixtures("codec_one_thread")
 def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, monkeypatch):
     monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
     kw = dict(valid=toy_manifests["valid"], preset="toy", batch_size=4, segment_seconds=0.5, progress=False)
@@ -562,6 +573,7 @@ def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, mon
     assert len(res["perplexity"]) == 4 and all(1.0 <= p <= TINY.bins for p in res["perplexity"])
 
 
+@pytest.mark.usefixtures("codec_one_thread")
 def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monkeypatch):
     monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
     path = codec.train_codec(toy_manifests["train"], str(tmp_path), preset="toy", steps=2, batch_size=2,
@@ -576,6 +588,23 @@ def test_cli_errors(toy_manifests, tmp_path):
         codec.main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--manifest", toy_manifests["test"]])
     with pytest.raises(SystemExit, match="--steps must be positive"):
         codec.main(["train", "--manifest", toy_manifests["train"], "--out", str(tmp_path), "--steps", "0"])
+
+
+def test_presets_and_audiocraft_key_names():
+    for name, sr, hop, bins in [("musicgen-32khz", 32000, 640, 2048), ("audiogen-16khz", 16000, 320, 2048),
+                                ("toy", 16000, 320, 256)]:
+        c = codec.CODEC_PRESETS[name]
+        assert (c.sample_rate, math.prod(c.ratios), c.n_q, c.bins) == (sr, hop, 4, bins)
+    keys = codec.EncodecModel(codec.CODEC_PRESETS["musicgen-32khz"]).state_dict().keys()  # PAPER.md §5's names
+    for k in ["encoder.model.0.conv.conv.weight_g", "encoder.model.0.conv.conv.weight_v",
+              "encoder.model.0.conv.conv.bias", "encoder.model.1.block.1.conv.conv.weight_v",
+              "encoder.model.13.lstm.weight_ih_l1", "encoder.model.15.conv.conv.weight_g",
+              "decoder.model.1.lstm.bias_hh_l0", "decoder.model.3.convtr.convtr.weight_g",
+              "decoder.model.15.conv.conv.weight_v", "quantizer.vq.layers.3._codebook.inited",
+              "quantizer.vq.layers.3._codebook.cluster_size", "quantizer.vq.layers.3._codebook.embed",
+              "quantizer.vq.layers.3._codebook.embed_avg"]:
+        assert k in keys, k
+    assert not [k for k in keys if "parametrizations" in k]
 
 
 # ==================================================================================================
@@ -1197,6 +1226,22 @@ def test_cfg_step_logits_ignore_the_caption():
     assert (con1["logits"] - con2["logits"]).abs().max() > 1e-3
 
 
+def test_lm_forward_sums_agree_with_lm_loss():
+    """train.lm_forward returns per-codebook SUMS (for global-batch averaging); divided by the counts they are
+    lm.lm_loss's per-codebook means, padding and delay-pattern masking included."""
+    torch.manual_seed(1)
+    model = LM.AudioLM(LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
+    codes, text = torch.randint(0, 16, (3, 4, 9)), torch.randn(3, 5, 8)
+    tmask, fm = _lengths_mask([5, 2, 4], 5), _lengths_mask([9, 6, 3], 9)
+    with torch.no_grad():
+        for drop in (False, True):
+            ours = train.lm_forward(model, codes, text, tmask, drop, fm)
+            ref = LM.lm_loss(model, codes, text, tmask, drop_text=drop, frame_mask=fm)
+            assert torch.allclose(ours["ce_sum"] / ours["count"], ref["per_codebook_ce"], atol=1e-6)
+            assert torch.equal(ours["count"], ref["mask"].sum((0, 2)))
+            assert torch.allclose(ours["hidden"], ref["hidden"]) and torch.equal(ours["hidden_mask"], ref["hidden_mask"])
+
+
 def test_cfg_draw_is_seeded_per_step():
     c = train.TrainConfig(cfg_prob=0.3, seed=5)
     draws = [train.cfg_dropped(c, s) for s in range(400)]
@@ -1438,3 +1483,20 @@ def test_frechet_distance_closed_form():
     want = ((a.mean(0) + 1) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
     assert evaluate.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
     assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_oracle_check_on_a_small_toy_set(tmp_path):
+    data.make_toy_dataset(str(tmp_path), n_train=1, n_valid=1, n_test=20, progress=False)
+    res = evaluate.oracle_check(str(tmp_path))
+    assert res["n_clips"] == 20 and res["clips"]["acc_all"] == 1.0
+
+
+def test_codec_roundtrip_keeps_length():
+    class Stub:  # a "codec" whose decoder halves the clip and loses the last 7 samples
+        encode = staticmethod(lambda x: x)
+        decode = staticmethod(lambda c: 0.5 * c[..., :-7])
+    wavs = [np.random.default_rng(i).standard_normal(100).astype(np.float32) for i in range(3)]
+    out = evaluate.codec_roundtrip(Stub(), wavs, batch_size=2)
+    assert len(out) == 3 and all(o.shape == (100,) for o in out)
+    np.testing.assert_allclose(out[2][:93], 0.5 * wavs[2][:93])
+    assert not out[2][93:].any()
