@@ -564,13 +564,12 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
     """Train an EnCodec with audiocraft's recipe (PAPER.md §5): Adam 3e-4 (0.5, 0.9), 1 s random crops, balanced
     L1 (0.1) + multi-scale mel (2) [+ MS-STFT discriminator: hinge adversarial (4) + feature matching (4)], plus the
     commitment loss. Writes out/codec.pt ({"config", "model", ...} for load_codec) and the resumable
-    out/codec_state.pt; steps / batch_size / adversarial None take TRAIN_DEFAULTS[preset]. Returns codec.pt's path."""
+    out/codec_state.pt; steps / batch_size / adversarial None take TRAIN_DEFAULTS[preset]; threads: torch CPU
+    threads while training (restored after). resume=True on a finished run returns at once. Returns codec.pt's path."""
     import data
     from tqdm import tqdm
     if preset not in CODEC_PRESETS:
         raise ValueError(f"unknown codec preset {preset!r}; expected one of {sorted(CODEC_PRESETS)}")
-    if threads:
-        torch.set_num_threads(threads)
     dflt = TRAIN_DEFAULTS[preset]
     steps, batch_size = steps or dflt["steps"], batch_size or dflt["batch_size"]
     adversarial = dflt["adversarial"] if adversarial is None else adversarial
@@ -587,7 +586,8 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
     ckpt_path, state_path = os.path.join(out, "codec.pt"), os.path.join(out, "codec_state.pt")
     run = dict(preset=preset, steps=steps, batch_size=batch_size, segment_seconds=segment_seconds, lr=lr,
                adversarial=adversarial, seed=seed, manifest=os.path.abspath(manifest))
-    start, elapsed = 0, 0.0
+    start, elapsed, threads_before = 0, 0.0, torch.get_num_threads()
+    torch.set_num_threads(threads or threads_before)
     if resume and os.path.exists(state_path):
         st = torch.load(state_path, map_location=device, weights_only=True)
         if st["config"] != asdict(cfg) or st["run"]["adversarial"] != adversarial:
@@ -638,6 +638,7 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
             data.atomic_save(dict(meta, opt=opt.state_dict(), balancer=dict(balancer.__dict__), elapsed=elapsed,
                                   disc=disc and disc.state_dict(), opt_d=opt_d and opt_d.state_dict(),
                                   rng=torch.get_rng_state()), state_path)
+    torch.set_num_threads(threads_before)
     return ckpt_path
 
 
@@ -650,8 +651,8 @@ def evaluate_codec(model, manifest, batch_size=16, max_items=None, progress=True
     from tqdm import tqdm
     ds = data.AudioTextDataset(manifest, model.sample_rate, None, random_crop=False)
     n, device = len(ds) if max_items is None else min(len(ds), max_items), next(model.parameters()).device
-    msspec, counts = MultiScaleMelLoss(model.sample_rate).to(device), torch.zeros(model.num_codebooks, model.cardinality)
-    snrs, mels = [], []
+    msspec = MultiScaleMelLoss(model.sample_rate).to(device)
+    counts, snrs, mels = torch.zeros(model.num_codebooks, model.cardinality), [], []
     for i in tqdm(range(0, n, batch_size), desc="codec eval", disable=not progress):
         b = data.collate([ds[j] for j in range(i, min(n, i + batch_size))])
         x = b["wav"].to(device)

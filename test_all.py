@@ -562,6 +562,9 @@ def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, mon
     # an interrupted run resumed from codec_state.pt ends with the same weights as the uninterrupted one
     codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=7, save_every=100, **kw)
     resumed = codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)
+    mtime = os.path.getmtime(resumed)
+    codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)  # finished: no-op
+    assert os.path.getmtime(resumed) == mtime
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
