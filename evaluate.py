@@ -16,7 +16,8 @@ Those need weights this project does not ship, so on the toy set, where the trut
 Usage:
   python evaluate.py --oracle-check [--codec runs/toy/codec/codec.pt]   # oracle accuracy on clips / round trips
   python evaluate.py --ckpt runs/toy [--samples-per-prompt 4] [--json out.json]
-  python evaluate.py --ablation [--ablation-steps N --seeds 0 1 2]      # toy Table 1, see README_eval.md
+  python evaluate.py --ablation [--ablation-steps 300 --seeds 0 1 2]    # toy Table 1 (LM only; reuses runs/toy's
+                                                                         # codec and T5), see README_eval.md
 """
 import argparse
 import json

@@ -1,0 +1,621 @@
+"""Speed and memory of our LM training step, CFG sampler and codec against the `transformers` ports.
+
+    python bench.py                                   # CPU: toy + small (2 of its 24 layers), a few minutes
+    python bench.py --presets small --json bench.json # CUDA: full small, bf16 training step with MFU
+
+Both sides get the same weights: ours are built with a fixed seed and converted to transformers' names
+(`MusicgenForCausalLM` for the LM, `EncodecModel` for the codec); a probe input checks that both compute the
+same function before anything is timed. Every measurement runs in a fresh child process (imports, weights,
+warm-up, timed repeats, peak memory) so that the two sides never share allocator state or caches.
+Timings are medians of the repeats after warm-up, with torch's thread count fixed. transformers is a
+test/bench-only dependency (SPEC.md).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import lm as LM
+
+RR_WEIGHT = 3.0  # λ of Eq. 6, the paper's best setting (PAPER.md §2)
+# dense bf16 tensor-core peaks (no sparsity) by device-name substring, first match wins (V100: fp16)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
+               "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "4090": 165.0, "3090": 71.0, "V100": 125.0}
+
+
+# ---------------------------------------------------------------- configs
+
+def bench_lm_config(preset, layers=None):
+    """Our LMConfig for a bench preset: toy takes its card and text width from the toy codec and toy T5 (as
+    train.py does); `layers` scales the layer count down (CPU)."""
+    over = dict(num_layers=layers)
+    if preset == "toy":
+        import codec
+        import text_encoder
+        over.update(card=codec.CODEC_PRESETS["toy"].bins, text_dim=text_encoder.TOY_T5["d_model"])
+    return LM.lm_config(preset, **over)
+
+
+# ---------------------------------------------------------------- transformers side: same weights, their names
+
+def to_transformers_lm(ours):
+    """AudioLM -> (MusicgenForCausalLM, text projection Linear) holding the same weights. audiocraft/our names ->
+    transformers' (the inverse of tests_part_lm's mapping); the T5->LM projection is MusicGen's enc_to_dec_proj,
+    which lives outside the decoder in transformers, so it is a separate Linear here."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    c = ours.cfg
+    hcfg = MusicgenDecoderConfig(vocab_size=c.card, hidden_size=c.dim, num_hidden_layers=c.num_layers,
+                                 num_attention_heads=c.num_heads, ffn_dim=c.hidden_scale * c.dim,
+                                 num_codebooks=c.num_codebooks, max_position_embeddings=c.max_frames + c.num_codebooks,
+                                 dropout=0.0, pad_token_id=c.card, bos_token_id=c.card)
+    hcfg.decoder_start_token_id = c.card
+    hf = MusicgenForCausalLM(hcfg)
+    ren = [("emb.", "model.decoder.embed_tokens."), ("out_norm.", "model.decoder.layer_norm."),
+           ("transformer.layers.", "model.decoder.layers."), (".norm_cross.", ".encoder_attn_layer_norm."),
+           (".norm1.", ".self_attn_layer_norm."), (".norm2.", ".final_layer_norm."),
+           (".cross_attention.", ".encoder_attn."), (".linear1.", ".fc1."), (".linear2.", ".fc2."),
+           ("linears.", "lm_heads.")]
+    sd = {}
+    for name, p in ours.state_dict().items():
+        if name.startswith("text_proj."):
+            continue
+        for a, b in ren:
+            name = name.replace(a, b)
+        if name.endswith(".in_proj_weight"):  # fused q/k/v -> three Linears
+            for x, w in zip("qkv", p.chunk(3)):
+                sd[name.replace("in_proj_weight", f"{x}_proj.weight")] = w.clone()
+        else:
+            sd[name] = p.clone()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "embed_positions" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"LM conversion to transformers failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    proj = torch.nn.Linear(c.text_dim, c.dim)
+    proj.load_state_dict(ours.text_proj.state_dict())
+    hf.generation_config.pad_token_id = hf.generation_config.bos_token_id = c.card
+    hf.generation_config.decoder_start_token_id = c.card
+    return hf, proj
+
+
+# ---------------------------------------------------------------- measurement helpers (run in the child)
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+class PeakMemory:
+    """Peak memory above the level at start(): CUDA max_memory_allocated, else the process' peak RSS (VmHWM),
+    whose high-water mark is reset with /proc/self/clear_refs (tracemalloc does not see torch's allocations)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        import gc
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
+                self.base = _rss_kib("VmRSS") * 1024
+            except OSError:  # cannot reset: count only growth above the earlier peak (a lower bound)
+                self.base = _rss_kib("VmHWM") * 1024
+
+    def peak_mib(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        return max(0, _rss_kib("VmHWM") * 1024 - self.base) / 2 ** 20
+
+
+def timed(fn, device, c):
+    """Median wall seconds of fn() over c["repeats"] runs after c["warmup"] runs, and the peak memory of all of them.
+    c["memory_only"] (the CPU memory child): one run, peak RSS only."""
+    mem = PeakMemory(device)
+    mem.start()
+    if c.get("memory_only"):
+        fn()
+        return dict(peak_mib=mem.peak_mib())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(c["warmup"]):
+        fn()
+    sync()
+    times = []
+    for _ in range(c["repeats"]):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return dict(seconds=statistics.median(times), times=times, peak_mib=mem.peak_mib())
+
+
+def _lm_inputs(cfg, B, T, Tt, device, seed=1):
+    """Random codes (B, K, T), T5-like text (B, Tt, Dt) and a mask with the last caption padded (a real batch)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.card, (B, cfg.num_codebooks, T), generator=g)
+    text = torch.randn(B, Tt, cfg.text_dim, generator=g)
+    mask = torch.ones(B, Tt, dtype=torch.bool)
+    if B > 1:
+        mask[-1, Tt // 2:] = False
+    text = text * mask[..., None]
+    return codes.to(device), text.to(device), mask.to(device)
+
+
+def _probe(forward, cfg, device):
+    """A few logits of a fixed input: the parent compares them across sides (same weights, same function)."""
+    codes, text, mask = _lm_inputs(cfg, 2, 6, 5, device, seed=7)
+    mask[:] = True  # no padding: transformers' masked cross-attention and audiocraft's zero-padding agree (§5)
+    seq = LM.build_delay_pattern(codes, cfg.card)
+    with torch.no_grad():
+        logits = forward(seq, text, mask).float()  # (B, K, S, card)
+    return dict(values=logits[:, :, :, :8].flatten().tolist())
+
+
+# ---------------------------------------------------------------- the cases (one per child process)
+
+def case_train(c, device):
+    """One training step: forward + backward + grad clip + AdamW (PAPER.md §4.2 settings, as train.py builds it)
+    on B x T frames. Ours: train.py's own loss path (lm_forward: per-codebook CE sums over valid tokens; pool_time +
+    rr_from_pooled: Eq. 3-5) with cross-attention AND the RR term -- a real step has one or the other (Eq. 6),
+    so this is an upper bound of our cost. Theirs: MusicgenForCausalLM's own CE on the same delayed sequence,
+    the text projected by the same Linear (MusicGen's enc_to_dec_proj) and masked as MusicGen does."""
+    import train as TR
+    torch.manual_seed(0)
+    cfg = bench_lm_config(c["preset"], c.get("layers"))
+    ours = LM.AudioLM(cfg)
+    B, T, Tt, K = c["batch"], c["frames"], c["text_len"], cfg.num_codebooks
+    codes, text, mask = _lm_inputs(cfg, B, T, Tt, device)
+    fmask = torch.ones(B, T, dtype=torch.bool, device=device)
+    n_valid = (LM.delay_valid_mask(K, T, device)[None] & fmask[:, None]).sum((0, 2)).float()  # (K,) tokens
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["bf16"])
+    if c["side"] == "ours":
+        if c.get("via_train_py"):  # the LM as `python train.py` builds it in one process: FSDP2 over a world of one,
+            del ours               # bf16 parameters on CUDA (its MixedPrecisionPolicy) instead of autocast
+            model = _train_py_lm(TR, cfg, c["preset"], c.get("layers"), T, device)
+            autocast = lambda: torch.autocast(device.type, enabled=False)
+        else:
+            model = ours.to(device).train()
+        params = list(model.parameters())
+        probe = _probe(lambda s, t, m: model(s, t, m)[0], cfg, device)
+
+        def loss_fn():  # train.train_step's loss on one rank, one micro-batch: Eq. 1 + lambda * Eq. 5
+            with autocast():
+                out = TR.lm_forward(model, codes, text, mask, False, fmask)
+                a = TR.pool_time(out["hidden"], out["hidden_mask"], "max").float()
+                rr = TR.rr_from_pooled(TR.pool_time(text, mask, "max"), a)
+            return (out["ce_sum"] / n_valid).mean() + RR_WEIGHT * rr
+    else:
+        hf, proj = to_transformers_lm(ours)
+        del ours
+        hf, proj = hf.to(device).train(), proj.to(device).train()
+        params = list(hf.parameters()) + list(proj.parameters())
+
+        def hf_forward(seq, txt, msk, labels=None):  # MusicgenForConditionalGeneration's decoder call
+            enc = proj(txt) * msk[..., None]
+            out = hf(input_ids=seq.reshape(-1, seq.shape[-1]), encoder_hidden_states=enc,
+                     encoder_attention_mask=msk.long(), labels=labels)
+            return out if labels is not None else out.logits.view(*seq.shape, -1)
+        probe = _probe(hf_forward, cfg, device)
+        seq = LM.build_delay_pattern(codes, cfg.card)  # (B, K, T+1): the same positions as ours
+        labels = torch.cat([seq[:, :, 1:], torch.full_like(seq[:, :, :1], cfg.card)], 2).transpose(1, 2)  # (B, S, K)
+        labels = labels.contiguous()
+
+        def loss_fn():
+            with autocast():
+                return hf_forward(seq, text, mask, labels=labels).loss
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)  # as train.py
+
+    phases = []  # CPU only: wall seconds of forward+loss, backward, clip+AdamW of every step (no extra syncs)
+
+    def step():
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    r = timed(step, device, c)
+    if device.type == "cpu" and "times" in r:
+        r["phases"] = [statistics.median(p) for p in zip(*phases[-c["repeats"]:])]
+    r.update(probe=probe, tokens=B * K * T, positions=B * (T + 1), flops=train_flops(cfg, B, T + 1, Tt))
+    return r
+
+
+def _train_py_lm(TR, cfg, preset, layers, frames, device):
+    """train.build_lm in a world of one process (train.init_distributed without torchrun): seed 0, as ours."""
+    import types
+    c = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0, lm_layers=layers or 0,
+                              lm_heads=0, meta_init=False, seed=0, segment_seconds=frames / 50)
+    _, _, dev = TR.init_distributed(c)
+    codec = types.SimpleNamespace(num_codebooks=cfg.num_codebooks, cardinality=cfg.card)
+    t5 = types.SimpleNamespace(dim=cfg.text_dim)
+    return TR.build_lm(c, codec, t5, frames, 0, dev).train()
+
+
+def train_flops(cfg, B, S, Tt):
+    """Model FLOPs of one training step (forward + backward = 3x forward; a multiply-add is 2 FLOPs):
+      6 * B*S  * N_audio,  N_audio = L*(4D^2 self-attn + 2D^2 cross q/out + 2*hs*D^2 FFN) + K*card*D heads
+    + 6 * B*Tt * N_text,   N_text  = L*2D^2 cross k/v + Dt*D text projection
+    + 6 * B*L * (S^2*D causal self-attention QK^T + AV, half of the square) + 6 * B*L * (2*S*Tt*D cross-attention).
+    Embedding lookups, norms, softmax, the loss and the optimizer are not counted."""
+    D, L, K = cfg.dim, cfg.num_layers, cfg.num_codebooks
+    n_audio = L * (4 + 2 + 2 * cfg.hidden_scale) * D * D + K * cfg.card * D
+    n_text = L * 2 * D * D + cfg.text_dim * D
+    attn = L * (S * S * D + 2 * S * Tt * D)
+    return 6 * B * S * n_audio + 6 * B * Tt * n_text + 6 * B * attn
+
+
+def case_gen(c, device):
+    """Sampling with CFG 3.0, top-k 250, temperature 1 (PAPER.md §4.2, §5): B prompts, T frames = T+K-1 LM steps.
+    Ours: lm.generate with its defaults (KV cache, cached cross-attention keys/values). Theirs:
+    MusicgenForCausalLM.generate(guidance_scale=3) with the null condition as MusicGen builds it (zero text,
+    zero mask) and max_length T+K, which yields the same T frames per codebook."""
+    torch.manual_seed(0)
+    cfg = bench_lm_config(c["preset"], c.get("layers"))
+    ours = LM.AudioLM(cfg).eval()
+    B, T, Tt, K = c["batch"], c["frames"], c["text_len"], cfg.num_codebooks
+    _, text, mask = _lm_inputs(cfg, B, 1, Tt, device)
+    if c["side"] == "ours":
+        model = ours.to(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def run(greedy_frames=None):
+            kw = dict(temperature=0.0) if greedy_frames else dict(top_k=250, generator=gen)
+            out = LM.generate(model, text, mask, greedy_frames or T, cfg_coef=3.0, progress=False, **kw)
+            assert greedy_frames or out.shape == (B, K, T), out.shape
+            return out
+    else:
+        hf, proj = to_transformers_lm(ours)
+        del ours
+        hf, proj = hf.to(device).eval(), proj.to(device).eval()
+        torch.manual_seed(0)
+
+        def run(greedy_frames=None):
+            out = hf_generate(hf, proj, text, mask, greedy_frames or T, greedy=greedy_frames is not None)
+            assert greedy_frames or out.shape == (B, K, T), out.shape
+            return out
+    # greedy probe: a few frames of argmax decoding must agree between the sides (same weights, same sampler)
+    probe = dict(tokens=run(greedy_frames=3)[0, :, :3].flatten().tolist())  # prompt 0 is unpadded: same function (§5)
+    r = timed(run, device, c)
+    r.update(tokens=B * K * T, audio_seconds=B * T / c["frame_rate"], probe=probe)
+    return r
+
+
+@torch.no_grad()
+def hf_generate(hf, proj, text, mask, T, greedy=False):
+    """transformers' MusicGen sampling as MusicgenForConditionalGeneration sets it up: null condition = zero text
+    with a zero mask, concatenated after the prompts; guidance_scale 3, top-k 250. Two things its decoder-only
+    generate gets wrong on its own, set here explicitly: the BOS (= pad id) would be masked out of self-attention
+    (attention_mask of ones), and a plain DynamicCache mixes cross-attention keys into the self-attention cache
+    (an EncoderDecoderCache, which also caches the text keys/values once)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    B, K, card = text.shape[0], hf.num_codebooks, hf.config.vocab_size
+    enc = proj(text) * mask[..., None]
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=250)
+    return hf.generate(input_ids=torch.full((B * K, 1), card, device=text.device),
+                       attention_mask=torch.ones(B * K, 1, dtype=torch.long, device=text.device),
+                       encoder_hidden_states=torch.cat([enc, torch.zeros_like(enc)]),
+                       encoder_attention_mask=torch.cat([mask, torch.zeros_like(mask)]).long(),
+                       cache=EncoderDecoderCache(DynamicCache(config=hf.config), DynamicCache(config=hf.config)),
+                       guidance_scale=3.0, max_length=T + K, num_return_sequences=1, **sampling)
+
+
+CODEC_LAYOUTS = ("toy", "musicgen-32khz")  # codec.CODEC_PRESETS names
+
+
+def to_transformers_codec(ours):
+    """codec.EncodecModel (audiocraft names) -> transformers.EncodecModel with the same weights. The renaming of
+    transformers' convert_encodec_checkpoint_to_pytorch, inverted; weight_g / weight_v are its weight-norm
+    parametrization's original0 / original1."""
+    from transformers import EncodecConfig, EncodecModel
+    c = ours.cfg
+    nbits = math.ceil(math.log2(c.bins))
+    frame_rate = math.ceil(c.sample_rate / math.prod(c.ratios))
+    hcfg = EncodecConfig(sampling_rate=c.sample_rate, audio_channels=1, num_filters=c.n_filters,
+                         upsampling_ratios=list(c.ratios), kernel_size=c.kernel_size, last_kernel_size=c.last_kernel_size,
+                         residual_kernel_size=c.residual_kernel_size, dilation_growth_rate=c.dilation_base,
+                         num_residual_layers=c.n_residual_layers, num_lstm_layers=c.lstm, compress=c.compress,
+                         hidden_size=c.dimension, codebook_size=c.bins, codebook_dim=c.dimension,
+                         use_causal_conv=False, pad_mode="constant", norm_type="weight_norm", use_conv_shortcut=False,
+                         normalize=False, chunk_length_s=None, overlap=None,
+                         target_bandwidths=[c.n_q * nbits * frame_rate / 1000])  # -> exactly n_q quantizers
+    hf = EncodecModel(hcfg)
+    ren = [(r"^(encoder|decoder)\.model\.", r"\1.layers."), (r"\.(conv\.conv|convtr\.convtr)\.weight_g$",
+           ".conv.parametrizations.weight.original0"), (r"\.(conv\.conv|convtr\.convtr)\.weight_v$",
+           ".conv.parametrizations.weight.original1"), (r"\.(conv\.conv|convtr\.convtr)\.bias$", ".conv.bias"),
+           (r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.codebook.")]
+    sd = {}
+    for name, p in ours.state_dict().items():
+        for a, b in ren:
+            name = re.sub(a, b, name)
+        sd[name] = p.clone()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"codec conversion to transformers failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf.eval(), hcfg.target_bandwidths[0]
+
+
+def case_codec(c, device):
+    """Codec encode (wav -> codes) or decode (codes -> wav) of B clips of `seconds` s, under no_grad as sample.py
+    and train.py call it. Weights: a seeded random init with random codebooks (an untrained codebook is all zeros)."""
+    import codec as C
+    cfg = C.CODEC_PRESETS[c["layout"]]
+    torch.manual_seed(0)
+    ours = C.EncodecModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    B, N = c["batch"], int(round(c["seconds"] * cfg.sample_rate))
+    T = -(-N // ours.hop_length)
+    wav = 0.1 * torch.randn(B, 1, N, generator=g)
+    with torch.no_grad():  # random codebooks at the latents' scale, so that the codes vary
+        scale = ours.encoder(wav[:1, :, :cfg.sample_rate // 4]).std()
+        for k, layer in enumerate(ours.quantizer.vq["layers"]):
+            layer._codebook.embed.normal_(0.0, float(scale) / (k + 1))
+            layer._codebook.inited.fill_(1)
+    wav = wav.to(device)
+    codes = torch.randint(0, cfg.bins, (B, cfg.n_q, T), generator=g).to(device)
+    if c["side"] == "ours":
+        model = ours.to(device)
+        encode, decode = model.encode, model.decode
+    else:
+        hf, bw = to_transformers_codec(ours)
+        del ours
+        hf = hf.to(device)
+        encode = lambda w: hf.encode(w, bandwidth=bw, return_dict=True).audio_codes[0]  # (B, K, T)
+        decode = lambda q: hf.decode(q[None], [None], return_dict=True).audio_values  # (B, 1, N')
+    with torch.no_grad():
+        probe_codes = encode(wav[:, :, :cfg.sample_rate // 4])
+        probe = dict(tokens=probe_codes[0, :, :8].flatten().tolist(),
+                     values=decode(codes[:, :, :8])[0, 0, :64].flatten().tolist())
+        fn = (lambda: encode(wav)) if c["op"] == "encode" else (lambda: decode(codes))
+        r = timed(fn, device, c)
+    r.update(audio_seconds=B * N / cfg.sample_rate, probe=probe)
+    return r
+
+
+CASES = {"train": case_train, "gen": case_gen, "codec": case_codec}
+
+
+def child_main(spec):
+    c = json.loads(spec)
+    torch.set_num_threads(c["threads"])
+    device = torch.device(c["device"])  # no TF32 switch: neither train.py nor sample.py sets one
+    r = CASES[c["part"]](c, device)
+    print("BENCH_RESULT " + json.dumps(r), flush=True)
+
+
+# ---------------------------------------------------------------- parent: run the cases, print the table
+
+def run_child(c, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS=str(c["threads"]), MKL_NUM_THREADS=str(c["threads"]),
+               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if c.get("memory_only"):  # a fixed mmap threshold: freed big tensors leave RSS at once, so its peak is honest
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(c)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
+    if p.returncode or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
+        raise SystemExit(f"bench.py: case {c['part']}/{c['preset']}/{c['side']} failed (exit {p.returncode}):\n  "
+                         + "\n  ".join(tail))
+    r = json.loads(lines[-1][len("BENCH_RESULT "):])
+    r["wall"] = time.perf_counter() - t0
+    return r
+
+
+def fmt_mem(mib):
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.1f} MiB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Ours vs transformers: LM training step, CFG generation, codec.")
+    ap.add_argument("--presets", nargs="+", default=None, choices=["toy", "small"],
+                    help="LM presets to run (default: toy small on CPU, small on CUDA)")
+    ap.add_argument("--parts", nargs="+", default=["train", "gen", "codec"], choices=["train", "gen", "codec"],
+                    help="what to measure")
+    ap.add_argument("--small-layers", type=int, default=None,
+                    help="layers of the `small` preset (default: 2 on CPU to keep the run short, 24 on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 on CPU, 5 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (default 1 on CPU, 2 on CUDA)")
+    ap.add_argument("--train-batch", type=int, default=None,
+                    help="training batch (default on CPU: 16 toy, train.py's toy batch / 2 small; 4x on CUDA)")
+    ap.add_argument("--train-frames", type=int, default=None, help="frames per training clip (default 100 = 2 s on CPU, 500 = 10 s on CUDA)")
+    ap.add_argument("--gen-batch", type=int, default=1, help="prompts generated together")
+    ap.add_argument("--gen-frames", type=int, default=None, help="frames generated (default on CPU 100 toy / 50 small; 500 on CUDA)")
+    ap.add_argument("--codec-seconds", type=float, default=None, help="audio seconds per codec call (default 2 on CPU, 10 on CUDA)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast in the training step (default: on for CUDA, off for CPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak dense bf16 TFLOP/s of the GPU for MFU (default from its name, e.g. H100 989)")
+    ap.add_argument("--json", help="also write all results to this JSON file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+
+    def fail(msg):
+        raise SystemExit(f"bench.py: error: {msg}")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        fail(f"--device {args.device} but CUDA is not available")
+    for name in ("small_layers", "threads", "repeats", "train_batch", "train_frames", "gen_batch", "gen_frames"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        fail(f"--warmup must be >= 0, got {args.warmup}")
+    if args.codec_seconds is not None and not args.codec_seconds > 0:
+        fail(f"--codec-seconds must be > 0, got {args.codec_seconds}")
+    if args.gen_frames is not None and args.gen_frames > LM.LMConfig.max_frames:
+        fail(f"--gen-frames {args.gen_frames} exceeds the LM's {LM.LMConfig.max_frames} positions")
+    presets = args.presets or (["small"] if cuda else ["toy", "small"])
+    threads = args.threads or len(os.sched_getaffinity(0))
+    bf16 = cuda if args.bf16 is None else args.bf16
+    small_layers = args.small_layers or (24 if cuda else 2)
+    repeats = args.repeats or (5 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    base = dict(device=args.device, threads=threads, warmup=warmup, repeats=repeats, bf16=bf16)
+    machine = torch.cuda.get_device_name(0) if cuda else _cpu_name()
+    load = os.getloadavg()
+    print(f"bench.py on {machine}, {args.device}, torch {torch.__version__}, {threads} thread(s); "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if not cuda and load[0] > 0.5:  # other processes on our cores: threads wait at every parallel region
+        print(f"warning: load average {load[0]:.2f} -- other work shares these CPUs; timings are unreliable "
+              "(small-op work like generation and the LSTM can slow down 10-100x)")
+
+    cases = []  # (part, label, spec)
+    for preset in presets:
+        layers = small_layers if preset == "small" else None
+        label = preset if preset != "small" or layers == 24 else f"small ({layers} of 24 layers)"
+        if "train" in args.parts:
+            B = args.train_batch or ((16 if preset == "toy" else 2) * (4 if cuda else 1))
+            T = args.train_frames or (500 if cuda else 100)
+            spec = dict(base, part="train", preset=preset, layers=layers, batch=B, frames=T, text_len=16)
+            cases.append(("train", label, spec))
+            cases.append(("train", label, dict(spec, via_train_py=True)))
+        if "gen" in args.parts:
+            T = args.gen_frames or (500 if cuda else (100 if preset == "toy" else 50))
+            cases.append(("gen", label, dict(base, part="gen", preset=preset, layers=layers, batch=args.gen_batch,
+                                             frames=T, text_len=16, frame_rate=50.0)))  # both codecs: 50 Hz
+    if "codec" in args.parts:
+        for layout in CODEC_LAYOUTS:
+            secs = args.codec_seconds or (10.0 if cuda else 2.0)
+            for op in ("encode", "decode"):
+                cases.append((op, layout, dict(base, part="codec", op=op, layout=layout, batch=1, seconds=secs)))
+
+    results = []
+    t_start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(2 - bool(x[2].get("via_train_py")) for x in cases), desc="bench", unit="run", leave=False)
+    except ImportError:
+        bar = None
+    for part, label, spec in cases:
+        row = dict(part=part, config=label, spec=spec)
+        for side in ("ours", "theirs"):
+            if side == "theirs" and spec.get("via_train_py"):  # same baseline as the line above
+                row[side] = results[-1]["theirs"]
+                continue
+            row[side] = run_child(dict(spec, side=side), timeout=1800)
+            if not cuda:  # CPU peak RSS: a separate fresh child (glibc's heap would hide reuse in the timing one)
+                row[side]["peak_mib"] = run_child(dict(spec, side=side, memory_only=True), timeout=1800)["peak_mib"]
+            if bar:
+                bar.update(1)
+        results.append(row)
+    if bar:
+        bar.close()
+    total = time.perf_counter() - t_start
+    peak = args.peak_tflops or _peak_tflops(machine) if cuda else None
+    table = render_table(results, cuda, peak)
+    print(table)
+    print(f"total {total:.0f} s; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, device=args.device, torch=torch.__version__, threads=threads,
+                           load_before=load, load_after=os.getloadavg(), total_seconds=total, peak_tflops=peak,
+                           results=results, table=table), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+        return f"{m.group(1).strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        return "CPU"
+
+
+def _peak_tflops(name):
+    for key, v in PEAK_TFLOPS.items():
+        if key in name:
+            return v
+    return None
+
+
+TARGETS_CPU = {"train": 1.2, "gen": 1.5, "encode": 1.0, "decode": 1.0}
+
+
+def probe_mismatch(o, t):
+    """'' when both sides computed the same function on the probe input: equal tokens, values within 1e-3."""
+    po, pt = o.get("probe", {}), t.get("probe", {})
+    if po.get("tokens") != pt.get("tokens"):
+        n = sum(a != b for a, b in zip(po.get("tokens", []), pt.get("tokens", [])))
+        return f"{n} of {len(po.get('tokens', []))} probe tokens differ"
+    vo, vt = po.get("values", []), pt.get("values", [])
+    err = max((abs(a - b) for a, b in zip(vo, vt)), default=0.0)
+    if err > 1e-3 * max((abs(a) for a in vo), default=0.0) + 1e-5:
+        return f"probe outputs differ by up to {err:.3g}"
+    return ""
+
+
+def render_table(results, cuda, peak):
+    """Markdown table: ratio ours / theirs (higher is better for us), absolute figures beside it, then notes."""
+    lines = ["| what | config | ours | transformers | ours / theirs | target | peak mem ours | peak mem theirs |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in results:
+        o, t, part, s = r["ours"], r["theirs"], r["part"], r["spec"]
+        target, tgt = None if cuda else TARGETS_CPU.get(part), ""
+        if part == "train":
+            what = f"train step (B={s['batch']}, {s['frames']} frames{', bf16' if s['bf16'] else ''})"
+            if s.get("via_train_py"):  # informational: the target is the model-level line above
+                what = f"same, ours as `train.py` runs it (FSDP2, 1 process{', bf16 params' if cuda else ''})"
+                target = None
+            uo, ut = o["tokens"] / o["seconds"], t["tokens"] / t["seconds"]
+            fo, ft = f"{uo:,.0f} tok/s", f"{ut:,.0f} tok/s"
+            if "phases" in o:
+                ph = ", ".join(f"{name} {1e3 * a:.0f} / {1e3 * b:.0f}" for name, a, b in
+                               zip(("forward+loss", "backward", "clip+AdamW"), o["phases"], t["phases"]))
+                via = " (ours via train.py)" if s.get("via_train_py") else ""
+                notes.append(f"{r['config']} training step{via}, median ms ours / theirs: {ph}")
+            if cuda and peak:
+                mfu, mfu_t = (x["flops"] / x["seconds"] / (peak * 1e12) for x in (o, t))
+                if s["preset"] == "small":
+                    tgt = f"MFU ≥ 40%: {100 * mfu:.1f}% {'ok' if mfu >= 0.4 else 'MISSED'}"
+                notes.append(f"{r['config']} training step: {o['flops'] / 1e12:.2f} TFLOP per step (train_flops), "
+                             f"{o['flops'] / o['seconds'] / 1e12:.0f} TFLOP/s = MFU {100 * mfu:.1f}% of {peak:g} "
+                             f"(transformers {100 * mfu_t:.1f}%)")
+        elif part == "gen":
+            what = f"generate, CFG 3, top-k 250 (B={s['batch']}, {s['frames']} frames)"
+            uo, ut = o["tokens"] / o["seconds"], t["tokens"] / t["seconds"]
+            ao, at = o["audio_seconds"] / o["seconds"], t["audio_seconds"] / t["seconds"]
+            fo, ft = f"{uo:,.0f} tok/s = {ao:.2f} audio s/s", f"{ut:,.0f} tok/s = {at:.2f} audio s/s"
+            if cuda:
+                tgt = f"real time: {'ok' if ao >= 1 else 'MISSED'}"
+        else:
+            what = f"codec {part} ({s['seconds']:g} s audio)"
+            uo, ut = o["audio_seconds"] / o["seconds"], t["audio_seconds"] / t["seconds"]
+            fo, ft = f"{uo:,.1f} audio s/s", f"{ut:,.1f} audio s/s"
+        ratio = uo / ut
+        bad = probe_mismatch(o, t)
+        if bad:
+            notes.append(f"WARNING {part} {r['config']}: {bad}: the two sides may not compute the same thing")
+        if target:
+            tgt = f"≥ {target:g}×: {'ok' if ratio >= target else 'MISSED'}"
+        rs = f"{ratio:.3f}" if target and ratio < target <= round(ratio, 2) else f"{ratio:.2f}"  # no "1.00×: MISSED"
+        lines.append(f"| {what} | {r['config']} | {fo} | {ft} | **{rs}×** | {tgt} | "
+                     f"{fmt_mem(o['peak_mib'])} | {fmt_mem(t['peak_mib'])} |")
+    return "\n".join(lines + [""] + notes)
+
+
+if __name__ == "__main__":
+    main()
