@@ -24,6 +24,7 @@ import torch
 
 import lm as LM
 
+MIN_TIMED_SECONDS = 1.0  # cases shorter than this repeat until they add up to it, so the median resists hiccups
 RR_WEIGHT = 3.0  # λ of Eq. 6, the paper's best setting (PAPER.md §2)
 # dense bf16 tensor-core peaks (no sparsity) by device-name substring, first match wins (V100: fp16)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
@@ -122,7 +123,8 @@ class PeakMemory:
 
 
 def timed(fn, device, c):
-    """Median wall seconds of fn() over c["repeats"] runs after c["warmup"] runs, and the peak memory of all of them.
+    """Median wall seconds of fn() over c["repeats"] runs (more for short work, up to MIN_TIMED_SECONDS) after
+    c["warmup"] runs, and the peak memory of all of them.
     c["memory_only"] (the CPU memory child): one run, peak RSS only."""
     mem = PeakMemory(device)
     mem.start()
@@ -134,7 +136,7 @@ def timed(fn, device, c):
         fn()
     sync()
     times = []
-    for _ in range(c["repeats"]):
+    while len(times) < c["repeats"] or (sum(times) < MIN_TIMED_SECONDS and len(times) < 50):  # short work: more runs
         t0 = time.perf_counter()
         fn()
         sync()
@@ -232,7 +234,7 @@ def case_train(c, device):
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     r = timed(step, device, c)
     if device.type == "cpu" and "times" in r:
-        r["phases"] = [statistics.median(p) for p in zip(*phases[-c["repeats"]:])]
+        r["phases"] = [statistics.median(p) for p in zip(*phases[-len(r["times"]):])]
     r.update(probe=probe, tokens=B * K * T, positions=B * (T + 1), flops=train_flops(cfg, B, T + 1, Tt))
     return r
 
