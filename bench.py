@@ -1,12 +1,13 @@
 """Speed and memory of our LM training step, CFG sampler and codec against the `transformers` ports.
 
-    python bench.py                                   # CPU: toy + small (2 of its 24 layers), a few minutes
+    python bench.py                                   # CPU: toy + small (2 of its 24 layers), ~2.5 min
     python bench.py --presets small --json bench.json # CUDA: full small, bf16 training step with MFU
 
 Both sides get the same weights: ours are built with a fixed seed and converted to transformers' names
 (`MusicgenForCausalLM` for the LM, `EncodecModel` for the codec); a probe input checks that both compute the
 same function before anything is timed. Every measurement runs in a fresh child process (imports, weights,
-warm-up, timed repeats, peak memory) so that the two sides never share allocator state or caches.
+warm-up, timed repeats; on CPU peak memory in one more child) with the same fixed glibc heap settings, so that
+the two sides never share allocator state or caches and neither inherits a luckier one (see run_child).
 Timings are medians of the repeats after warm-up, with torch's thread count fixed. transformers is a
 test/bench-only dependency (SPEC.md).
 """
@@ -406,8 +407,13 @@ def child_main(spec):
 def run_child(c, timeout):
     env = dict(os.environ, OMP_NUM_THREADS=str(c["threads"]), MKL_NUM_THREADS=str(c["threads"]),
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    if c.get("memory_only"):  # a fixed mmap threshold: freed big tensors leave RSS at once, so its peak is honest
-        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    # glibc's heap, fixed and equal for both sides (fixed thresholds also switch off glibc's dynamic adjustment):
+    if c.get("memory_only"):  # big tensors mmapped and unmapped at once, so the peak RSS is honest
+        env.update(MALLOC_MMAP_THRESHOLD_=str(128 << 10), MALLOC_TRIM_THRESHOLD_=str(128 << 10))
+    else:  # timing: freed buffers stay in the heap, the steady state of a long-running process. Left to glibc's
+        # dynamic threshold, the history of frees before timing (e.g. the weight conversion only the transformers
+        # side does) decided whether every big activation is page-faulted in anew: up to 7x on one conv layer.
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(4 << 30))
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(c)], env=env,
                        capture_output=True, text=True, timeout=timeout)
