@@ -185,12 +185,8 @@ def case_train(c, device):
     n_valid = (LM.delay_valid_mask(K, T, device)[None] & fmask[:, None]).sum((0, 2)).float()  # (K,) tokens
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["bf16"])
     if c["side"] == "ours":
-        if c.get("via_train_py"):  # the LM as `python train.py` builds it in one process: FSDP2 over a world of one,
-            del ours               # bf16 parameters on CUDA (its MixedPrecisionPolicy) instead of autocast
-            model = _train_py_lm(TR, cfg, c["preset"], c.get("layers"), T, device)
-            autocast = lambda: torch.autocast(device.type, enabled=False)
-        else:
-            model = ours.to(device).train()
+        del ours  # the LM exactly as `python train.py` builds it in one process (train.build_lm, seed 0)
+        model = _train_py_lm(TR, cfg, c["preset"], c.get("layers"), T, device)
         params = list(model.parameters())
         probe = _probe(lambda s, t, m: model(s, t, m)[0], cfg, device)
 
@@ -219,7 +215,8 @@ def case_train(c, device):
         def loss_fn():
             with autocast():
                 return hf_forward(seq, text, mask, labels=labels).loss
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)  # as train.py
+    # fused AdamW on both sides: train.py builds it so, and it is transformers' Trainer default (torch >= 2.8)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     phases = []  # CPU only: wall seconds of forward+loss, backward, clip+AdamW of every step (no extra syncs)
 
@@ -498,7 +495,6 @@ def main(argv=None):
             T = args.train_frames or (500 if cuda else 100)
             spec = dict(base, part="train", preset=preset, layers=layers, batch=B, frames=T, text_len=16)
             cases.append(("train", label, spec))
-            cases.append(("train", label, dict(spec, via_train_py=True)))
         if "gen" in args.parts:
             T = args.gen_frames or (500 if cuda else (100 if preset == "toy" else 50))
             cases.append(("gen", label, dict(base, part="gen", preset=preset, layers=layers, batch=args.gen_batch,
@@ -513,15 +509,12 @@ def main(argv=None):
     t_start = time.perf_counter()
     try:
         from tqdm import tqdm
-        bar = tqdm(total=sum(2 - bool(x[2].get("via_train_py")) for x in cases), desc="bench", unit="run", leave=False)
+        bar = tqdm(total=2 * len(cases), desc="bench", unit="run", leave=False)
     except ImportError:
         bar = None
     for part, label, spec in cases:
         row = dict(part=part, config=label, spec=spec)
         for side in ("ours", "theirs"):
-            if side == "theirs" and spec.get("via_train_py"):  # same baseline as the line above
-                row[side] = results[-1]["theirs"]
-                continue
             row[side] = run_child(dict(spec, side=side), timeout=1800)
             if not cuda:  # CPU peak RSS: a separate fresh child (glibc's heap would hide reuse in the timing one)
                 row[side]["peak_mib"] = run_child(dict(spec, side=side, memory_only=True), timeout=1800)["peak_mib"]
@@ -585,16 +578,12 @@ def render_table(results, cuda, peak):
         target, tgt = None if cuda else TARGETS_CPU.get(part), ""
         if part == "train":
             what = f"train step (B={s['batch']}, {s['frames']} frames{', bf16' if s['bf16'] else ''})"
-            if s.get("via_train_py"):  # informational: the target is the model-level line above
-                what = f"same, ours as `train.py` runs it (FSDP2, 1 process{', bf16 params' if cuda else ''})"
-                target = None
             uo, ut = o["tokens"] / o["seconds"], t["tokens"] / t["seconds"]
             fo, ft = f"{uo:,.0f} tok/s", f"{ut:,.0f} tok/s"
             if "phases" in o:
                 ph = ", ".join(f"{name} {1e3 * a:.0f} / {1e3 * b:.0f}" for name, a, b in
                                zip(("forward+loss", "backward", "clip+AdamW"), o["phases"], t["phases"]))
-                via = " (ours via train.py)" if s.get("via_train_py") else ""
-                notes.append(f"{r['config']} training step{via}, median ms ours / theirs: {ph}")
+                notes.append(f"{r['config']} training step, median ms ours / theirs: {ph}")
             if cuda and peak:
                 mfu, mfu_t = (x["flops"] / x["seconds"] / (peak * 1e12) for x in (o, t))
                 if s["preset"] == "small":

@@ -70,9 +70,18 @@ class WNConv(nn.Module):
         self.weight_g = nn.Parameter(torch.linalg.vector_norm(conv.weight.detach(), dim=(1, 2), keepdim=True))
         self.weight_v = nn.Parameter(conv.weight.detach().clone())
         self.bias = nn.Parameter(conv.bias.detach().clone())
+        self._cached = (None, None)  # (parameter versions, w): inference reuses w until g or v change
+
+    def weight(self):
+        if torch.is_grad_enabled():
+            return torch._weight_norm(self.weight_v, self.weight_g, 0)  # the kernel nn.utils.weight_norm calls
+        key = (self.weight_v._version, self.weight_g._version, self.weight_v.data_ptr(), self.weight_g.data_ptr())
+        if self._cached[0] != key:  # an optimizer step / load_state_dict bumps the version
+            self._cached = (key, torch._weight_norm(self.weight_v, self.weight_g, 0))
+        return self._cached[1]
 
     def forward(self, x):
-        w = torch._weight_norm(self.weight_v, self.weight_g, 0)  # the kernel nn.utils.weight_norm calls
+        w = self.weight()
         if self.transpose:
             return F.conv_transpose1d(x, w, self.bias, self.stride)
         return F.conv1d(x, w, self.bias, self.stride, dilation=self.dilation)

@@ -411,6 +411,30 @@ def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
     torch.testing.assert_close(wav, ref_wav, atol=1e-4, rtol=0)
 
 
+def test_inference_weight_cache_follows_parameter_changes():
+    """WNConv reuses w = g v / ||v|| under no_grad; any change of g or v (load_state_dict, an optimizer step)
+    must be seen, and outputs must equal the uncached (grad-enabled) path."""
+    cfg = codec_lib.CodecConfig(sample_rate=8000, ratios=(4, 2), n_filters=4, dimension=8, bins=16, lstm=0)
+    torch.manual_seed(0)
+    a, b = codec_lib.EncodecModel(cfg).eval(), codec_lib.EncodecModel(cfg).eval()
+    x = torch.randn(2, 1, 800)
+    with torch.no_grad():
+        before = a.decoder(a.encoder(x))
+        a.load_state_dict(b.state_dict())  # copy_ into the same tensors: the versions change, not the pointers
+        after = a.decoder(a.encoder(x))
+        want = b.decoder(b.encoder(x))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+    torch.testing.assert_close(after, a.decoder(a.encoder(x)).detach())  # grad enabled: no cache
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    a.decoder(a.encoder(x)).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        stepped = a.decoder(a.encoder(x))
+    torch.testing.assert_close(stepped, a.decoder(a.encoder(x)).detach())
+    assert not torch.allclose(stepped, after)
+
+
 def test_load_audiocraft_refuses_unsupported_and_bad_files(tmp_path):
     xp = _xp_cfg(16000, (8, 5, 4, 2), 4, 16, 64)
     xp["encodec"]["causal"] = True
@@ -1325,6 +1349,19 @@ def test_torchrun_two_ranks_match_one_process(tiny, reference, tmp_path):
     assert all(r["rr"] is not None for r in ref if r["cfg"]) and all(r["rr"] is None for r in ref if not r["cfg"])
     assert all(r["cfg_ranks"] == (2 if r["cfg"] else 0) for r in got)  # both ranks made the same CFG decision
     _same_losses(ref, got, 1e-5)
+
+
+def test_resume_across_world_sizes(tiny, reference, tmp_path):
+    """1 process (a plain module) -> 2 ranks (FSDP2 shards) -> 1 process: the DCP state reshards both ways and the
+    losses are those of the uninterrupted run."""
+    train.main(_args(tiny, tmp_path, "--micro-batch", "2", "--max-steps-this-run", "3"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *_args(tiny, tmp_path, "--micro-batch", "1", "--max-steps-this-run", "3")]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_metrics(tmp_path)) == 6
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4"))
+    _same_losses(reference[1], _metrics(tmp_path), 1e-5)
 
 
 def test_gradient_accumulation_matches(tiny, reference, tmp_path):

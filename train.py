@@ -38,7 +38,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -358,7 +358,8 @@ def encode_text(t5, texts, length=None):
 
 # ----------------------------------------------------------------------------------------------- model
 def build_lm(c, codec, t5, seg_frames, rank, device):
-    """AudioLM sharded with FSDP2 (per transformer block, then the root); the codec and T5 stay outside."""
+    """AudioLM sharded with FSDP2 (per transformer block, then the root; a plain module in a world of one); the codec
+    and T5 stay outside."""
     full = None
     if c.init_musicgen:  # fine-tuning: rank 0 reads the released weights, the shards are broadcast
         err = None
@@ -391,11 +392,12 @@ def build_lm(c, codec, t5, seg_frames, rank, device):
                          f"has positions for {cfg.max_frames}")
     with torch.device("meta"):
         model = LM.AudioLM(cfg)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
-          else MixedPrecisionPolicy())  # PAPER.md §3: bf16 compute, fp32 gradient reduction
-    for block in model.transformer.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    if dist.get_world_size() > 1:  # a world of one skips FSDP2: its unshard / reduce copies would only cost time
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+              else MixedPrecisionPolicy())  # PAPER.md §3: bf16 compute, fp32 gradient reduction
+        for block in model.transformer.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
     if c.init_musicgen or not c.meta_init:
         set_model_state_dict(model, full.state_dict() if rank == 0 else {},
@@ -413,7 +415,9 @@ def lm_forward(model, codes, text, text_mask, drop_text, frame_mask):
     caller can average over the global batch, plus the hidden states the RR loss pools (PAPER.md §2)."""
     B, K, T = codes.shape
     seq = LM.build_delay_pattern(codes, model.cfg.card)  # (B, K, T+1)
-    logits, hidden = model(seq, None if drop_text else text, None if drop_text else text_mask)  # (B,K,T+1,card), (B,T+1,D)
+    # bf16 compute on CUDA (PAPER.md §3): FSDP2's MixedPrecisionPolicy when sharded, autocast in a world of one
+    with torch.autocast("cuda", torch.bfloat16, enabled=codes.is_cuda and not isinstance(model, FSDPModule)):
+        logits, hidden = model(seq, None if drop_text else text, None if drop_text else text_mask)  # (B,K,T+1,card), (B,T+1,D)
     valid = LM.delay_valid_mask(K, T, codes.device)[None] & frame_mask[:, None]  # (B, K, T): PAPER.md §5
     ce = []
     for k in range(K):  # frame t of codebook k is predicted at step t+k, for t < T-k
@@ -608,7 +612,7 @@ def train(c):
         val = make_source(c.valid_manifest, codec, c, seg, False, rank, W, device) if c.valid_manifest else None
         model = build_lm(c, codec, t5, seg, rank, device)
         opt = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay,
-                                foreach=True)  # decay on every weight, as audiocraft
+                                fused=True)  # decay on every weight, as audiocraft; fused: one kernel per step
         ema = {k: p.detach().clone() for k, p in model.named_parameters()}  # sharded like the params
         step = load_checkpoint(model, opt, ema, c)
         done = run(model, opt, ema, t5, src, val, step, c, M, W, device)
