@@ -1,6 +1,6 @@
 """Speed and memory of our LM training step, CFG sampler and codec against the `transformers` ports.
 
-    python bench.py                                   # CPU: toy + small (2 of its 24 layers), ~2.5 min
+    python bench.py                                   # CPU: toy + small (2 of its 24 layers), ~6 min
     python bench.py --presets small --json bench.json # CUDA: full small, bf16 training step with MFU
 
 Both sides get the same weights: ours are built with a fixed seed and converted to transformers' names
@@ -8,7 +8,8 @@ Both sides get the same weights: ours are built with a fixed seed and converted 
 same function before anything is timed. Every measurement runs in a fresh child process (imports, weights,
 warm-up, timed repeats; on CPU peak memory in one more child) with the same fixed glibc heap settings, so that
 the two sides never share allocator state or caches and neither inherits a luckier one (see run_child).
-Timings are medians of the repeats after warm-up, with torch's thread count fixed. transformers is a
+Timings are medians of the repeats after warm-up, with torch's thread count fixed; on CPU each side runs in
+3 such children, alternating ours / theirs, and the median child counts (shared VMs drift). transformers is a
 test/bench-only dependency (SPEC.md).
 """
 import argparse
@@ -439,6 +440,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3 on CPU, 5 on CUDA)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timing children per side, ours and theirs alternating (default 3 on CPU, 1 on CUDA); "
+                         "each side's time is the median over its rounds, so a slow spell of a shared VM hits both")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (default 1 on CPU, 2 on CUDA)")
     ap.add_argument("--train-batch", type=int, default=None,
                     help="training batch (default on CPU: 16 toy, train.py's toy batch / 2 small; 4x on CUDA)")
@@ -476,6 +480,7 @@ def main(argv=None):
     bf16 = cuda if args.bf16 is None else args.bf16
     small_layers = args.small_layers or (24 if cuda else 2)
     repeats = args.repeats or (5 if cuda else 3)
+    rounds = args.rounds or (1 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     base = dict(device=args.device, threads=threads, warmup=warmup, repeats=repeats, bf16=bf16)
     machine = torch.cuda.get_device_name(0) if cuda else _cpu_name()
@@ -509,17 +514,24 @@ def main(argv=None):
     t_start = time.perf_counter()
     try:
         from tqdm import tqdm
-        bar = tqdm(total=2 * len(cases), desc="bench", unit="run", leave=False)
+        bar = tqdm(total=2 * len(cases) * (rounds + (not cuda)), desc="bench", unit="run", leave=False)
     except ImportError:
         bar = None
     for part, label, spec in cases:
         row = dict(part=part, config=label, spec=spec)
-        for side in ("ours", "theirs"):
-            row[side] = run_child(dict(spec, side=side), timeout=1800)
+        runs = {"ours": [], "theirs": []}
+        for _ in range(rounds):  # ours, theirs, ours, theirs, ...: drifts in machine speed hit both sides alike
+            for side in runs:
+                runs[side].append(run_child(dict(spec, side=side), timeout=1800))
+                if bar:
+                    bar.update(1)
+        for side, rs in runs.items():
+            row[side] = min(rs, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in rs)))
+            row[side]["round_seconds"] = [r["seconds"] for r in rs]
             if not cuda:  # CPU peak RSS: a separate fresh child (glibc's heap would hide reuse in the timing one)
                 row[side]["peak_mib"] = run_child(dict(spec, side=side, memory_only=True), timeout=1800)["peak_mib"]
-            if bar:
-                bar.update(1)
+                if bar:
+                    bar.update(1)
         results.append(row)
     if bar:
         bar.close()
@@ -611,6 +623,11 @@ def render_table(results, cuda, peak):
         rs = f"{ratio:.3f}" if target and ratio < target <= round(ratio, 2) else f"{ratio:.2f}"  # no "1.00×: MISSED"
         lines.append(f"| {what} | {r['config']} | {fo} | {ft} | **{rs}×** | {tgt} | "
                      f"{fmt_mem(o['peak_mib'])} | {fmt_mem(t['peak_mib'])} |")
+    spread = [max(x["round_seconds"]) / min(x["round_seconds"]) - 1 for r in results for x in (r["ours"], r["theirs"])
+              if len(x.get("round_seconds", [])) > 1]
+    if spread:
+        notes.append(f"spread of the {len(results[0]['ours']['round_seconds'])} timing children per side (slowest / "
+                     f"fastest - 1): median {100 * statistics.median(spread):.0f}%, worst {100 * max(spread):.0f}%")
     return "\n".join(lines + [""] + notes)
 
 

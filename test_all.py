@@ -1540,3 +1540,43 @@ def test_codec_roundtrip_keeps_length():
     assert len(out) == 3 and all(o.shape == (100,) for o in out)
     np.testing.assert_allclose(out[2][:93], 0.5 * wavs[2][:93])
     assert not out[2][93:].any()
+
+
+# ==================================================================================================
+# bench.py: the FLOP count behind the MFU figure, the verdicts of the table (issue 7)
+# ==================================================================================================
+import bench
+
+
+def test_train_flops_matches_torch_flop_counter():
+    """bench.train_flops / 3 is the forward's matmul FLOPs; torch's FlopCounterMode counts the same matmuls but the
+    full causal square of the self-attention (our count takes the useful half): the difference is exactly 2BLS^2D.
+    A wrong coefficient for any weight matrix, the heads, the text side or the attention would show."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=64, text_dim=24, max_frames=64)
+    model = LM.AudioLM(cfg)
+    B, S, Tt = 3, 17, 5
+    seq = torch.randint(0, cfg.card, (B, cfg.num_codebooks, S))
+    text, mask = torch.randn(B, Tt, cfg.text_dim), torch.ones(B, Tt, dtype=torch.bool)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):  # attention as countable matmuls
+        model(seq, text, mask)
+    assert fc.get_total_flops() == bench.train_flops(cfg, B, S, Tt) // 3 + 2 * B * cfg.num_layers * S * S * cfg.dim
+
+
+def test_bench_table_marks_targets_and_warns_on_probe_mismatch():
+    def side(sec, values):
+        return dict(seconds=sec, tokens=1000, audio_seconds=2.0, peak_mib=1.0, probe=dict(values=values),
+                    round_seconds=[sec, sec * 1.1])
+    rows = [dict(part="train", config="toy", spec=dict(batch=2, frames=10, bf16=False, preset="toy"),
+                 ours=side(1.0, [1.0]), theirs=side(1.3, [1.0])),                   # 1.3x: ok
+            dict(part="gen", config="toy", spec=dict(batch=1, frames=10), ours=side(1.0, [1.0]),
+                 theirs=side(1.2, [1.0])),                                         # 1.2x < 1.5: MISSED
+            dict(part="encode", config="toy", spec=dict(seconds=2.0), ours=side(1.0, [1.0]),
+                 theirs=side(1.0, [2.0]))]                                         # different outputs: WARNING
+    table = bench.render_table(rows, cuda=False, peak=None).splitlines()
+    assert "**1.30×** | ≥ 1.2×: ok" in table[2]
+    assert "**1.20×** | ≥ 1.5×: MISSED" in table[3]
+    assert any(line.startswith("WARNING encode toy: probe outputs differ") for line in table)
+    assert not any("WARNING" in line and ("train" in line or "gen" in line) for line in table)
+    assert any("worst 10%" in line for line in table)
