@@ -214,7 +214,9 @@ class AudioLM(nn.Module):
 
 def lm_loss(lm, codes, text, text_mask, drop_text=False, frame_mask=None):
     """codes (B, K, T); frame_mask (B, T) bool (False on zero-padded frames) -> dict(loss, per_codebook_ce (K,),
-    hidden (B, T, D), hidden_mask (B, T), mask (B, K, T)). drop_text: the CFG step (Eq. 2), text left out."""
+    ce_sum (K,), count (K,), logits, hidden (B, T, D), hidden_mask (B, T), mask (B, K, T)). drop_text: the CFG step
+    (Eq. 2), text left out. ce_sum / count are the per-codebook SUMS of token cross-entropies and the token
+    counts: they add up across micro-batches and ranks, which lets train.py average over the global batch."""
     B, K, T = codes.shape
     if T < K:
         raise ValueError(f"need at least {K} frames per clip (codebook k loses its last k frames), got {T}")
@@ -222,18 +224,20 @@ def lm_loss(lm, codes, text, text_mask, drop_text=False, frame_mask=None):
     fm = torch.ones(B, T, dtype=torch.bool, device=codes.device) if frame_mask is None else frame_mask.bool()
     seq = build_delay_pattern(codes, card)  # (B, K, T+1)
     logits, hidden = lm(seq, None if drop_text else text, None if drop_text else text_mask)
-    ces, mask = [], torch.zeros(B, K, T, dtype=torch.bool, device=codes.device)
+    sums, mask = [], torch.zeros(B, K, T, dtype=torch.bool, device=codes.device)
     for k in range(K):  # frame t of codebook k is predicted at step t+k; valid for t < T-k (PAPER.md §5)
         n = T - k
         mk = fm[:, :n]
         mask[:, k, :n] = mk
         ce = F.cross_entropy(logits[:, k, k:T].float().reshape(-1, card), codes[:, k, :n].reshape(-1),
                              reduction="none").view(B, n)
-        ces.append((ce * mk).sum() / mk.sum().clamp(min=1))  # mean over valid positions of the batch
-    per_cb = torch.stack(ces)
+        sums.append((ce * mk).sum())
+    ce_sum, count = torch.stack(sums), mask.sum((0, 2))
+    per_cb = ce_sum / count.clamp(min=1)  # mean over the valid positions of the batch, per codebook
     # Hidden step t is the state that predicts frame t of codebook 0 (and frame t-k of codebook k); it has only
     # seen frames < t, so with a zero-padded clip it is valid exactly where frame t is -- "padding never wins" (§3.2).
-    return dict(loss=per_cb.mean(), per_codebook_ce=per_cb.detach(), hidden=hidden[:, :T], hidden_mask=fm, mask=mask)
+    return dict(loss=per_cb.mean(), per_codebook_ce=per_cb.detach(), ce_sum=ce_sum, count=count, logits=logits,
+                hidden=hidden[:, :T], hidden_mask=fm, mask=mask)
 
 
 # ---------------------------------------------------------------- generation

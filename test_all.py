@@ -1253,20 +1253,23 @@ def test_cfg_step_logits_ignore_the_caption():
     assert (con1["logits"] - con2["logits"]).abs().max() > 1e-3
 
 
-def test_lm_forward_sums_agree_with_lm_loss():
-    """train.lm_forward returns per-codebook SUMS (for global-batch averaging); divided by the counts they are
-    lm.lm_loss's per-codebook means, padding and delay-pattern masking included."""
+def test_lm_loss_sums_add_up_across_micro_batches():
+    """train.py averages over the GLOBAL batch by adding lm_loss's per-codebook sums and counts over micro-batches
+    and ranks: the halves of a batch must add up to the whole, padding and delay-pattern masking included, and
+    sum / count must be the per-codebook mean."""
     torch.manual_seed(1)
     model = LM.AudioLM(LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
-    codes, text = torch.randint(0, 16, (3, 4, 9)), torch.randn(3, 5, 8)
-    tmask, fm = _lengths_mask([5, 2, 4], 5), _lengths_mask([9, 6, 3], 9)
+    codes, text = torch.randint(0, 16, (4, 4, 9)), torch.randn(4, 5, 8)
+    tmask, fm = _lengths_mask([5, 2, 4, 5], 5), _lengths_mask([9, 6, 3, 8], 9)
     with torch.no_grad():
         for drop in (False, True):
-            ours = train.lm_forward(model, codes, text, tmask, drop, fm)
-            ref = LM.lm_loss(model, codes, text, tmask, drop_text=drop, frame_mask=fm)
-            assert torch.allclose(ours["ce_sum"] / ours["count"], ref["per_codebook_ce"], atol=1e-6)
-            assert torch.equal(ours["count"], ref["mask"].sum((0, 2)))
-            assert torch.allclose(ours["hidden"], ref["hidden"]) and torch.equal(ours["hidden_mask"], ref["hidden_mask"])
+            whole = LM.lm_loss(model, codes, text, tmask, drop, fm)
+            halves = [LM.lm_loss(model, codes[s], text[s], tmask[s], drop, fm[s]) for s in (slice(0, 2), slice(2, 4))]
+            assert torch.allclose(halves[0]["ce_sum"] + halves[1]["ce_sum"], whole["ce_sum"], atol=1e-5)
+            assert torch.equal(halves[0]["count"] + halves[1]["count"], whole["count"])
+            # codebook k: frames t < 9 - k (delay pattern) of clips with 9, 6, 3, 8 real frames
+            assert whole["count"].tolist() == [26, 25, 23, 21]
+            assert torch.allclose(whole["ce_sum"] / whole["count"], whole["per_codebook_ce"])
 
 
 def test_cfg_draw_is_seeded_per_step():

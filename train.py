@@ -411,22 +411,11 @@ def build_lm(c, codec, t5, seg_frames, rank, device):
 
 
 def lm_forward(model, codes, text, text_mask, drop_text, frame_mask):
-    """Eq. 1 (drop_text False) / Eq. 2 (True) as per-codebook SUMS of token cross-entropies (K,), so that the
-    caller can average over the global batch, plus the hidden states the RR loss pools (PAPER.md §2)."""
-    B, K, T = codes.shape
-    seq = LM.build_delay_pattern(codes, model.cfg.card)  # (B, K, T+1)
-    # bf16 compute on CUDA (PAPER.md §3): FSDP2's MixedPrecisionPolicy when sharded, autocast in a world of one
+    """lm.lm_loss: Eq. 1 (drop_text False) / Eq. 2 (True) as per-codebook SUMS and counts, which the caller
+    averages over the global batch, plus the hidden states the RR loss pools (PAPER.md §2). bf16 compute on
+    CUDA (PAPER.md §3): FSDP2's MixedPrecisionPolicy when sharded, autocast in a world of one."""
     with torch.autocast("cuda", torch.bfloat16, enabled=codes.is_cuda and not isinstance(model, FSDPModule)):
-        logits, hidden = model(seq, None if drop_text else text, None if drop_text else text_mask)  # (B,K,T+1,card), (B,T+1,D)
-    valid = LM.delay_valid_mask(K, T, codes.device)[None] & frame_mask[:, None]  # (B, K, T): PAPER.md §5
-    ce = []
-    for k in range(K):  # frame t of codebook k is predicted at step t+k, for t < T-k
-        n = T - k
-        lk = logits[:, k, k:T].float().reshape(-1, model.cfg.card)
-        ce.append((F.cross_entropy(lk, codes[:, k, :n].reshape(-1), reduction="none") * valid[:, k, :n].reshape(-1)).sum())
-    # hidden step t has seen frames < t only: valid exactly where frame t is (padding never wins the max pool)
-    return dict(ce_sum=torch.stack(ce), count=valid.sum((0, 2)), logits=logits, hidden=hidden[:, :T],
-                hidden_mask=frame_mask)
+        return LM.lm_loss(model, codes, text, text_mask, drop_text, frame_mask)
 
 
 def lr_at(step, c):
