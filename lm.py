@@ -266,7 +266,7 @@ def _cached_stepper(lm, ctx, B, N, S):
     text keys/values computed once. Rows [:B] are conditional, [B:N] the null condition (no cross-attention:
     its zero text would add exactly zero, PAPER.md §5). Weights are read once here to keep the loop lean."""
     cfg, p = lm.cfg, next(lm.parameters())
-    D, H, K = cfg.dim, cfg.num_heads, cfg.num_codebooks
+    D, H = cfg.dim, cfg.num_heads
     hd = D // H
     embs = [e.weight for e in lm.emb]  # K tables (card+1, D), looked up in place: no copy of the weights
     pos = lm.pos_emb.to(p.dtype)

@@ -45,9 +45,9 @@ def lm_from_checkpoint(ckpt, source, device="cpu", use_ema=True):
     return lm.to(device).eval()
 
 
-def check_compatible(codec, text_encoder, lm, source):
-    """The LM must model the codec's tokens and read the text encoder's width."""
-    c = lm.cfg
+def check_compatible(codec, text_encoder, lm_cfg, source):
+    """The LM (its LMConfig) must model the codec's tokens and read the text encoder's width."""
+    c = lm_cfg
     got = (codec.num_codebooks, codec.cardinality, text_encoder.dim)
     if got != (c.num_codebooks, c.card, c.text_dim):
         raise ValueError(f"{source}: LM expects {c.num_codebooks} codebooks x {c.card} codes and text width "
@@ -70,7 +70,7 @@ def load_run(path, device="cpu", use_ema=True):
     import text_encoder
     codec = codec_lib.load_codec(paths["codec"], device=device)
     t5 = text_encoder.load_t5(paths["t5"], device=device)
-    check_compatible(codec, t5, lm, lm_pt)
+    check_compatible(codec, t5, lm.cfg, lm_pt)
     return codec, t5, lm
 
 
@@ -84,7 +84,7 @@ def load_musicgen_dir(directory, t5_dir, device="cpu"):
     import text_encoder
     codec = codec_lib.load_audiocraft(codec_path).to(device).eval()
     t5 = text_encoder.load_t5(t5_dir, device=device)
-    check_compatible(codec, t5, lm, lm_path)
+    check_compatible(codec, t5, lm.cfg, lm_path)
     return codec, t5, lm
 
 

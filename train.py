@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import time
-import types
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -384,7 +383,7 @@ def build_lm(c, codec, t5, seg_frames, rank, device):
             torch.manual_seed(c.seed)
             full = LM.AudioLM(cfg)
     try:
-        sample.check_compatible(codec, t5, types.SimpleNamespace(cfg=cfg), c.init_musicgen or "LM config")
+        sample.check_compatible(codec, t5, cfg, c.init_musicgen or "LM config")
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}")
     if seg_frames > cfg.max_frames:
