@@ -261,6 +261,13 @@ def sample_next(logits, temperature=1.0, top_k=250, top_p=0.0, generator=None):
     return torch.multinomial(logits.softmax(-1).view(-1, C), 1, generator=generator).view(B, K)
 
 
+def few_rows_linear(x, w):
+    """x (N, in) @ w (out, in)^T for the handful of rows of a decoding step, computed as (w @ x^T)^T: BLAS then
+    streams the weight once as a matrix-vector product, near memory bandwidth. F.linear's orientation ran ~4x
+    slower for 2 rows on our 2-core CPU (151 MB of weights: 18.5 ms vs 4.1 ms); the values are the same sums."""
+    return (w @ x.T).T.contiguous()
+
+
 def _cached_stepper(lm, ctx, B, N, S):
     """Returns step(s, tokens (B, K)) -> hidden (N, D) with a preallocated self-attention KV cache and the
     text keys/values computed once. Rows [:B] are conditional, [B:N] the null condition (no cross-attention:
@@ -287,14 +294,14 @@ def _cached_stepper(lm, ctx, B, N, S):
         if N > B:
             x = torch.cat([x, x])  # (N, D): both halves see the same audio prefix
         for n1w, n1b, w_qkv, w_o, kv, ncw, ncb, w_q, ck, cv, w_co, n2w, n2b, w1, w2 in layers:
-            qkv = F.linear(F.layer_norm(x, (D,), n1w, n1b), w_qkv).view(N, 3, H, 1, hd)
+            qkv = few_rows_linear(F.layer_norm(x, (D,), n1w, n1b), w_qkv).view(N, 3, H, 1, hd)
             kv[:, :, :, s:s + 1] = qkv[:, 1:].transpose(0, 1)
             a = F.scaled_dot_product_attention(qkv[:, 0], kv[0, :, :, :s + 1], kv[1, :, :, :s + 1])  # (N, H, 1, hd)
-            x = x + F.linear(a.reshape(N, D), w_o)
+            x = x + few_rows_linear(a.reshape(N, D), w_o)
             if ck is not None:
-                q = F.linear(F.layer_norm(x[:B], (D,), ncw, ncb), w_q).view(B, H, 1, hd)
-                x[:B] += F.linear(F.scaled_dot_product_attention(q, ck, cv).reshape(B, D), w_co)
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (D,), n2w, n2b), w1)), w2)
+                q = few_rows_linear(F.layer_norm(x[:B], (D,), ncw, ncb), w_q).view(B, H, 1, hd)
+                x[:B] += few_rows_linear(F.scaled_dot_product_attention(q, ck, cv).reshape(B, D), w_co)
+            x = x + few_rows_linear(F.gelu(few_rows_linear(F.layer_norm(x, (D,), n2w, n2b), w1)), w2)
         return F.layer_norm(x, (D,), onw, onb)
     return step
 
@@ -340,7 +347,7 @@ def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0
         h = step(s, seq[:, :, s])  # (N, D)
         if guided:  # heads are linear without bias, so mixing hidden states = mixing logits, at half the head cost
             h = h[B:] + cfg_coef * (h[:B] - h[B:])
-        nxt = sample_next(torch.stack([F.linear(h, w) for w in heads], 1), temperature, top_k, top_p, generator)
+        nxt = sample_next(torch.stack([few_rows_linear(h, w) for w in heads], 1), temperature, top_k, top_p, generator)
         seq[:, :, s + 1] = torch.where(valid[:, s + 1], nxt, card)  # invalid pattern positions: special token
     return revert_delay_pattern(seq)  # (B, K, T)
 
