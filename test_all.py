@@ -1083,6 +1083,18 @@ class _LMFakeT5:
         return torch.randn(len(captions), 3, 8, generator=g), torch.ones(len(captions), 3, dtype=torch.bool)
 
 
+def test_few_rows_linear_is_linear():
+    """The decoding step's (W x^T)^T equals F.linear for any row count, and returns a contiguous (N, out) tensor
+    (the step views it as (N, 3, H, 1, hd))."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 32, generator=g)
+    for n in (1, 2, 3, 8, 33):
+        x = torch.randn(n, 32, generator=g)
+        y = LM.few_rows_linear(x, w)
+        assert y.shape == (n, 96) and y.is_contiguous()
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
 def test_generate_audio_shapes_seed_and_duration_limit():
     m = _lm_tiny_model()
     wav = sample.generate_audio(_LMFakeCodec(), _LMFakeT5(), m, ["a", "b"], 0.33, seed=1, progress=False)
