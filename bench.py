@@ -465,7 +465,8 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         fail(f"--device {args.device} but CUDA is not available")
-    for name in ("small_layers", "threads", "repeats", "train_batch", "train_frames", "gen_batch", "gen_frames"):
+    for name in ("small_layers", "threads", "repeats", "rounds", "train_batch", "train_frames", "gen_batch",
+                 "gen_frames"):
         v = getattr(args, name)
         if v is not None and v < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {v}")
