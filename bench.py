@@ -10,7 +10,7 @@ warm-up, timed repeats; on CPU peak memory in one more child) with the same fixe
 the two sides never share allocator state or caches and neither inherits a luckier one (see run_child).
 Timings are medians of the repeats after warm-up, with torch's thread count fixed; on CPU each side runs in
 3 such children, alternating ours / theirs, and the median child counts (shared VMs drift). transformers is a
-test/bench-only dependency (SPEC.md).
+test/bench-only dependency.
 """
 import argparse
 import json
@@ -22,12 +22,20 @@ import subprocess
 import sys
 import time
 
-import torch
+import gc
+import types
 
-import lm as LM
+import torch
+from tqdm import tqdm
+
+import codec as codec_lib
+import lm as lm_lib
+import text_encoder
+import train
+from rr_loss import pool_time, rr_from_pooled
 
 MIN_TIMED_SECONDS = 1.0  # cases shorter than this repeat until they add up to it, so the median resists hiccups
-RR_WEIGHT = 3.0  # λ of Eq. 6, the paper's best setting (PAPER.md §2)
+RR_WEIGHT = 3.0  # λ of Eq. 6, the paper's best setting (PAPER.md §3.2)
 # dense bf16 tensor-core peaks (no sparsity) by device-name substring, first match wins (V100: fp16)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
                "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -41,25 +49,23 @@ def bench_lm_config(preset, layers=None):
     train.py does); `layers` scales the layer count down (CPU)."""
     over = dict(num_layers=layers)
     if preset == "toy":
-        import codec
-        import text_encoder
-        over.update(card=codec.CODEC_PRESETS["toy"].bins, text_dim=text_encoder.TOY_T5["d_model"])
-    return LM.lm_config(preset, **over)
+        over.update(card=codec_lib.CODEC_PRESETS["toy"].bins, text_dim=text_encoder.TOY_T5["d_model"])
+    return lm_lib.lm_config(preset, **over)
 
 
 # ---------------------------------------------------------------- transformers side: same weights, their names
 
 def to_transformers_lm(ours):
     """AudioLM -> (MusicgenForCausalLM, text projection Linear) holding the same weights. audiocraft/our names ->
-    transformers' (the inverse of tests_part_lm's mapping); the T5->LM projection is MusicGen's enc_to_dec_proj,
+    transformers' (the inverse of test_all.py's renaming); the T5->LM projection is MusicGen's enc_to_dec_proj,
     which lives outside the decoder in transformers, so it is a separate Linear here."""
-    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
-    c = ours.cfg
-    hcfg = MusicgenDecoderConfig(vocab_size=c.card, hidden_size=c.dim, num_hidden_layers=c.num_layers,
-                                 num_attention_heads=c.num_heads, ffn_dim=c.hidden_scale * c.dim,
-                                 num_codebooks=c.num_codebooks, max_position_embeddings=c.max_frames + c.num_codebooks,
-                                 dropout=0.0, pad_token_id=c.card, bos_token_id=c.card)
-    hcfg.decoder_start_token_id = c.card
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM  # only in the children of its side
+    cfg = ours.cfg
+    hcfg = MusicgenDecoderConfig(vocab_size=cfg.card, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
+                                 num_attention_heads=cfg.num_heads, ffn_dim=cfg.hidden_scale * cfg.dim,
+                                 num_codebooks=cfg.num_codebooks, max_position_embeddings=cfg.max_frames + cfg.num_codebooks,
+                                 dropout=0.0, pad_token_id=cfg.card, bos_token_id=cfg.card)
+    hcfg.decoder_start_token_id = cfg.card
     hf = MusicgenForCausalLM(hcfg)
     ren = [("emb.", "model.decoder.embed_tokens."), ("out_norm.", "model.decoder.layer_norm."),
            ("transformer.layers.", "model.decoder.layers."), (".norm_cross.", ".encoder_attn_layer_norm."),
@@ -81,10 +87,10 @@ def to_transformers_lm(ours):
     missing = [k for k in missing if "embed_positions" not in k]
     if missing or unexpected:
         raise RuntimeError(f"LM conversion to transformers failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    proj = torch.nn.Linear(c.text_dim, c.dim)
+    proj = torch.nn.Linear(cfg.text_dim, cfg.dim)
     proj.load_state_dict(ours.text_proj.state_dict())
-    hf.generation_config.pad_token_id = hf.generation_config.bos_token_id = c.card
-    hf.generation_config.decoder_start_token_id = c.card
+    hf.generation_config.pad_token_id = hf.generation_config.bos_token_id = cfg.card
+    hf.generation_config.decoder_start_token_id = cfg.card
     return hf, proj
 
 
@@ -103,7 +109,6 @@ class PeakMemory:
         self.cuda = device.type == "cuda"
 
     def start(self):
-        import gc
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -124,21 +129,21 @@ class PeakMemory:
         return max(0, _rss_kib("VmHWM") * 1024 - self.base) / 2 ** 20
 
 
-def timed(fn, device, c):
-    """Median wall seconds of fn() over c["repeats"] runs (more for short work, up to MIN_TIMED_SECONDS) after
-    c["warmup"] runs, and the peak memory of all of them.
-    c["memory_only"] (the CPU memory child): one run, peak RSS only."""
+def timed(fn, device, case):
+    """Median wall seconds of fn() over case["repeats"] runs (more for short work, up to MIN_TIMED_SECONDS) after
+    case["warmup"] runs, and the peak memory of all of them.
+    case["memory_only"] (the CPU memory child): one run, peak RSS only."""
     mem = PeakMemory(device)
     mem.start()
-    if c.get("memory_only"):
+    if case.get("memory_only"):
         fn()
         return dict(peak_mib=mem.peak_mib())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(c["warmup"]):
+    for _ in range(case["warmup"]):
         fn()
     sync()
     times = []
-    while len(times) < c["repeats"] or (sum(times) < MIN_TIMED_SECONDS and len(times) < 50):  # short work: more runs
+    while len(times) < case["repeats"] or (sum(times) < MIN_TIMED_SECONDS and len(times) < 50):  # short work: more runs
         t0 = time.perf_counter()
         fn()
         sync()
@@ -161,8 +166,9 @@ def _lm_inputs(cfg, B, T, Tt, device, seed=1):
 def _probe(forward, cfg, device):
     """A few logits of a fixed input: the parent compares them across sides (same weights, same function)."""
     codes, text, mask = _lm_inputs(cfg, 2, 6, 5, device, seed=7)
-    mask[:] = True  # no padding: transformers' masked cross-attention and audiocraft's zero-padding agree (§5)
-    seq = LM.build_delay_pattern(codes, cfg.card)
+    mask[:] = True  # no padding: transformers' masked cross-attention and audiocraft's zero-padding
+    # agree (PAPER.md "audiocraft: cross-attention and padding")
+    seq = lm_lib.build_delay_pattern(codes, cfg.card)
     with torch.no_grad():
         logits = forward(seq, text, mask).float()  # (B, K, S, card)
     return dict(values=logits[:, :, :, :8].flatten().tolist())
@@ -170,32 +176,31 @@ def _probe(forward, cfg, device):
 
 # ---------------------------------------------------------------- the cases (one per child process)
 
-def case_train(c, device):
+def case_train(case, device):
     """One training step: forward + backward + grad clip + AdamW (PAPER.md §4.2 settings, as train.py builds it)
     on B x T frames. Ours: train.py's own loss path (lm_forward: per-codebook CE sums over valid tokens; pool_time +
     rr_from_pooled: Eq. 3-5) with cross-attention AND the RR term -- a real step has one or the other (Eq. 6),
     so this is an upper bound of our cost. Theirs: MusicgenForCausalLM's own CE on the same delayed sequence,
     the text projected by the same Linear (MusicGen's enc_to_dec_proj) and masked as MusicGen does."""
-    import train as TR
     torch.manual_seed(0)
-    cfg = bench_lm_config(c["preset"], c.get("layers"))
-    ours = LM.AudioLM(cfg)
-    B, T, Tt, K = c["batch"], c["frames"], c["text_len"], cfg.num_codebooks
+    cfg = bench_lm_config(case["preset"], case.get("layers"))
+    ours = lm_lib.AudioLM(cfg)
+    B, T, Tt, K = case["batch"], case["frames"], case["text_len"], cfg.num_codebooks
     codes, text, mask = _lm_inputs(cfg, B, T, Tt, device)
     fmask = torch.ones(B, T, dtype=torch.bool, device=device)
-    n_valid = (LM.delay_valid_mask(K, T, device)[None] & fmask[:, None]).sum((0, 2)).float()  # (K,) tokens
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=c["bf16"])
-    if c["side"] == "ours":
+    n_valid = (lm_lib.delay_valid_mask(K, T, device)[None] & fmask[:, None]).sum((0, 2)).float()  # (K,) tokens
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["bf16"])
+    if case["side"] == "ours":
         del ours  # the LM exactly as `python train.py` builds it in one process (train.build_lm, seed 0)
-        model = _train_py_lm(TR, cfg, c["preset"], c.get("layers"), T, device)
+        model = _train_py_lm(cfg, case["preset"], case.get("layers"), T, device)
         params = list(model.parameters())
         probe = _probe(lambda s, t, m: model(s, t, m)[0], cfg, device)
 
         def loss_fn():  # train.train_step's loss on one rank, one micro-batch: Eq. 1 + lambda * Eq. 5
             with autocast():
-                out = TR.lm_forward(model, codes, text, mask, False, fmask)
-                a = TR.pool_time(out["hidden"], out["hidden_mask"], "max").float()
-                rr = TR.rr_from_pooled(TR.pool_time(text, mask, "max"), a)
+                out = train.lm_forward(model, codes, text, mask, False, fmask)
+                a = pool_time(out["hidden"], out["hidden_mask"], "max").float()
+                rr = rr_from_pooled(pool_time(text, mask, "max"), a)
             return (out["ce_sum"] / n_valid).mean() + RR_WEIGHT * rr
     else:
         hf, proj = to_transformers_lm(ours)
@@ -209,7 +214,7 @@ def case_train(c, device):
                      encoder_attention_mask=msk.long(), labels=labels)
             return out if labels is not None else out.logits.view(*seq.shape, -1)
         probe = _probe(hf_forward, cfg, device)
-        seq = LM.build_delay_pattern(codes, cfg.card)  # (B, K, T+1): the same positions as ours
+        seq = lm_lib.build_delay_pattern(codes, cfg.card)  # (B, K, T+1): the same positions as ours
         labels = torch.cat([seq[:, :, 1:], torch.full_like(seq[:, :, :1], cfg.card)], 2).transpose(1, 2)  # (B, S, K)
         labels = labels.contiguous()
 
@@ -231,22 +236,21 @@ def case_train(c, device):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
-    r = timed(step, device, c)
+    r = timed(step, device, case)
     if device.type == "cpu" and "times" in r:
         r["phases"] = [statistics.median(p) for p in zip(*phases[-len(r["times"]):])]
     r.update(probe=probe, tokens=B * K * T, positions=B * (T + 1), flops=train_flops(cfg, B, T + 1, Tt))
     return r
 
 
-def _train_py_lm(TR, cfg, preset, layers, frames, device):
+def _train_py_lm(cfg, preset, layers, frames, device):
     """train.build_lm in a world of one process (train.init_distributed without torchrun): seed 0, as ours."""
-    import types
-    c = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0, lm_layers=layers or 0,
+    train_cfg = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0, lm_layers=layers or 0,
                               lm_heads=0, meta_init=False, seed=0, segment_seconds=frames / 50)
-    _, _, dev = TR.init_distributed(c)
+    _, _, dev = train.init_distributed(train_cfg)
     codec = types.SimpleNamespace(num_codebooks=cfg.num_codebooks, cardinality=cfg.card)
     t5 = types.SimpleNamespace(dim=cfg.text_dim)
-    return TR.build_lm(c, codec, t5, frames, 0, dev).train()
+    return train.build_lm(train_cfg, codec, t5, frames, 0, dev).train()
 
 
 def train_flops(cfg, B, S, Tt):
@@ -262,23 +266,23 @@ def train_flops(cfg, B, S, Tt):
     return 6 * B * S * n_audio + 6 * B * Tt * n_text + 6 * B * attn
 
 
-def case_gen(c, device):
-    """Sampling with CFG 3.0, top-k 250, temperature 1 (PAPER.md §4.2, §5): B prompts, T frames = T+K-1 LM steps.
+def case_gen(case, device):
+    """Sampling with CFG 3.0, top-k 250, temperature 1 (PAPER.md §4.2; PAPER.md "audiocraft: sampling"): B prompts, T frames = T+K-1 LM steps.
     Ours: lm.generate with its defaults (KV cache, cached cross-attention keys/values). Theirs:
     MusicgenForCausalLM.generate(guidance_scale=3) with the null condition as MusicGen builds it (zero text,
     zero mask) and max_length T+K, which yields the same T frames per codebook."""
     torch.manual_seed(0)
-    cfg = bench_lm_config(c["preset"], c.get("layers"))
-    ours = LM.AudioLM(cfg).eval()
-    B, T, Tt, K = c["batch"], c["frames"], c["text_len"], cfg.num_codebooks
+    cfg = bench_lm_config(case["preset"], case.get("layers"))
+    ours = lm_lib.AudioLM(cfg).eval()
+    B, T, Tt, K = case["batch"], case["frames"], case["text_len"], cfg.num_codebooks
     _, text, mask = _lm_inputs(cfg, B, 1, Tt, device)
-    if c["side"] == "ours":
+    if case["side"] == "ours":
         model = ours.to(device)
         gen = torch.Generator(device=device).manual_seed(0)
 
         def run(greedy_frames=None):
             kw = dict(temperature=0.0) if greedy_frames else dict(top_k=250, generator=gen)
-            out = LM.generate(model, text, mask, greedy_frames or T, cfg_coef=3.0, progress=False, **kw)
+            out = lm_lib.generate(model, text, mask, greedy_frames or T, cfg_coef=3.0, progress=False, **kw)
             assert greedy_frames or out.shape == (B, K, T), out.shape
             return out
     else:
@@ -292,9 +296,9 @@ def case_gen(c, device):
             assert greedy_frames or out.shape == (B, K, T), out.shape
             return out
     # greedy probe: a few frames of argmax decoding must agree between the sides (same weights, same sampler)
-    probe = dict(tokens=run(greedy_frames=3)[0, :, :3].flatten().tolist())  # prompt 0 is unpadded: same function (§5)
-    r = timed(run, device, c)
-    r.update(tokens=B * K * T, audio_seconds=B * T / c["frame_rate"], probe=probe)
+    probe = dict(tokens=run(greedy_frames=3)[0, :, :3].flatten().tolist())  # prompt 0 is unpadded: same function
+    r = timed(run, device, case)
+    r.update(tokens=B * K * T, audio_seconds=B * T / case["frame_rate"], probe=probe)
     return r
 
 
@@ -305,7 +309,7 @@ def hf_generate(hf, proj, text, mask, T, greedy=False):
     generate gets wrong on its own, set here explicitly: the BOS (= pad id) would be masked out of self-attention
     (attention_mask of ones), and a plain DynamicCache mixes cross-attention keys into the self-attention cache
     (an EncoderDecoderCache, which also caches the text keys/values once)."""
-    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers import DynamicCache, EncoderDecoderCache  # only in the children of its side
     B, K, card = text.shape[0], hf.num_codebooks, hf.config.vocab_size
     enc = proj(text) * mask[..., None]
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=250)
@@ -324,18 +328,18 @@ def to_transformers_codec(ours):
     """codec.EncodecModel (audiocraft names) -> transformers.EncodecModel with the same weights. The renaming of
     transformers' convert_encodec_checkpoint_to_pytorch, inverted; weight_g / weight_v are its weight-norm
     parametrization's original0 / original1."""
-    from transformers import EncodecConfig, EncodecModel
-    c = ours.cfg
-    nbits = math.ceil(math.log2(c.bins))
-    frame_rate = math.ceil(c.sample_rate / math.prod(c.ratios))
-    hcfg = EncodecConfig(sampling_rate=c.sample_rate, audio_channels=1, num_filters=c.n_filters,
-                         upsampling_ratios=list(c.ratios), kernel_size=c.kernel_size, last_kernel_size=c.last_kernel_size,
-                         residual_kernel_size=c.residual_kernel_size, dilation_growth_rate=c.dilation_base,
-                         num_residual_layers=c.n_residual_layers, num_lstm_layers=c.lstm, compress=c.compress,
-                         hidden_size=c.dimension, codebook_size=c.bins, codebook_dim=c.dimension,
+    from transformers import EncodecConfig, EncodecModel  # only in the children of its side
+    cfg = ours.cfg
+    nbits = math.ceil(math.log2(cfg.bins))
+    frame_rate = math.ceil(cfg.sample_rate / math.prod(cfg.ratios))
+    hcfg = EncodecConfig(sampling_rate=cfg.sample_rate, audio_channels=1, num_filters=cfg.n_filters,
+                         upsampling_ratios=list(cfg.ratios), kernel_size=cfg.kernel_size, last_kernel_size=cfg.last_kernel_size,
+                         residual_kernel_size=cfg.residual_kernel_size, dilation_growth_rate=cfg.dilation_base,
+                         num_residual_layers=cfg.n_residual_layers, num_lstm_layers=cfg.lstm, compress=cfg.compress,
+                         hidden_size=cfg.dimension, codebook_size=cfg.bins, codebook_dim=cfg.dimension,
                          use_causal_conv=False, pad_mode="constant", norm_type="weight_norm", use_conv_shortcut=False,
                          normalize=False, chunk_length_s=None, overlap=None,
-                         target_bandwidths=[c.n_q * nbits * frame_rate / 1000])  # -> exactly n_q quantizers
+                         target_bandwidths=[cfg.n_q * nbits * frame_rate / 1000])  # -> exactly n_q quantizers
     hf = EncodecModel(hcfg)
     ren = [(r"^(encoder|decoder)\.model\.", r"\1.layers."), (r"\.(conv\.conv|convtr\.convtr)\.weight_g$",
            ".conv.parametrizations.weight.original0"), (r"\.(conv\.conv|convtr\.convtr)\.weight_v$",
@@ -352,15 +356,14 @@ def to_transformers_codec(ours):
     return hf.eval(), hcfg.target_bandwidths[0]
 
 
-def case_codec(c, device):
+def case_codec(case, device):
     """Codec encode (wav -> codes) or decode (codes -> wav) of B clips of `seconds` s, under no_grad as sample.py
     and train.py call it. Weights: a seeded random init with random codebooks (an untrained codebook is all zeros)."""
-    import codec as C
-    cfg = C.CODEC_PRESETS[c["layout"]]
+    cfg = codec_lib.CODEC_PRESETS[case["layout"]]
     torch.manual_seed(0)
-    ours = C.EncodecModel(cfg).eval()
+    ours = codec_lib.EncodecModel(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    B, N = c["batch"], int(round(c["seconds"] * cfg.sample_rate))
+    B, N = case["batch"], int(round(case["seconds"] * cfg.sample_rate))
     T = -(-N // ours.hop_length)
     wav = 0.1 * torch.randn(B, 1, N, generator=g)
     with torch.no_grad():  # random codebooks at the latents' scale, so that the codes vary
@@ -370,7 +373,7 @@ def case_codec(c, device):
             layer._codebook.inited.fill_(1)
     wav = wav.to(device)
     codes = torch.randint(0, cfg.bins, (B, cfg.n_q, T), generator=g).to(device)
-    if c["side"] == "ours":
+    if case["side"] == "ours":
         model = ours.to(device)
         encode, decode = model.encode, model.decode
     else:
@@ -383,8 +386,8 @@ def case_codec(c, device):
         probe_codes = encode(wav[:, :, :cfg.sample_rate // 4])
         probe = dict(tokens=probe_codes[0, :, :8].flatten().tolist(),
                      values=decode(codes[:, :, :8])[0, 0, :64].flatten().tolist())
-        fn = (lambda: encode(wav)) if c["op"] == "encode" else (lambda: decode(codes))
-        r = timed(fn, device, c)
+        fn = (lambda: encode(wav)) if case["op"] == "encode" else (lambda: decode(codes))
+        r = timed(fn, device, case)
     r.update(audio_seconds=B * N / cfg.sample_rate, probe=probe)
     return r
 
@@ -393,32 +396,32 @@ CASES = {"train": case_train, "gen": case_gen, "codec": case_codec}
 
 
 def child_main(spec):
-    c = json.loads(spec)
-    torch.set_num_threads(c["threads"])
-    device = torch.device(c["device"])  # no TF32 switch: neither train.py nor sample.py sets one
-    r = CASES[c["part"]](c, device)
+    case = json.loads(spec)
+    torch.set_num_threads(case["threads"])
+    device = torch.device(case["device"])  # no TF32 switch: neither train.py nor sample.py sets one
+    r = CASES[case["part"]](case, device)
     print("BENCH_RESULT " + json.dumps(r), flush=True)
 
 
 # ---------------------------------------------------------------- parent: run the cases, print the table
 
-def run_child(c, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS=str(c["threads"]), MKL_NUM_THREADS=str(c["threads"]),
+def run_child(case, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), MKL_NUM_THREADS=str(case["threads"]),
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     # glibc's heap, fixed and equal for both sides (fixed thresholds also switch off glibc's dynamic adjustment):
-    if c.get("memory_only"):  # big tensors mmapped and unmapped at once, so the peak RSS is honest
+    if case.get("memory_only"):  # big tensors mmapped and unmapped at once, so the peak RSS is honest
         env.update(MALLOC_MMAP_THRESHOLD_=str(128 << 10), MALLOC_TRIM_THRESHOLD_=str(128 << 10))
     else:  # timing: freed buffers stay in the heap, the steady state of a long-running process. Left to glibc's
         # dynamic threshold, the history of frees before timing (e.g. the weight conversion only the transformers
         # side does) decided whether every big activation is page-faulted in anew: up to 7x on one conv layer.
         env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(4 << 30))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(c)], env=env,
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)], env=env,
                        capture_output=True, text=True, timeout=timeout)
     lines = [l for l in p.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
     if p.returncode or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
-        raise SystemExit(f"bench.py: case {c['part']}/{c['preset']}/{c['side']} failed (exit {p.returncode}):\n  "
+        raise SystemExit(f"bench.py: case {case['part']}/{case['preset']}/{case['side']} failed (exit {p.returncode}):\n  "
                          + "\n  ".join(tail))
     r = json.loads(lines[-1][len("BENCH_RESULT "):])
     r["wall"] = time.perf_counter() - t0
@@ -474,8 +477,8 @@ def main(argv=None):
         fail(f"--warmup must be >= 0, got {args.warmup}")
     if args.codec_seconds is not None and not args.codec_seconds > 0:
         fail(f"--codec-seconds must be > 0, got {args.codec_seconds}")
-    if args.gen_frames is not None and args.gen_frames > LM.LMConfig.max_frames:
-        fail(f"--gen-frames {args.gen_frames} exceeds the LM's {LM.LMConfig.max_frames} positions")
+    if args.gen_frames is not None and args.gen_frames > lm_lib.LMConfig.max_frames:
+        fail(f"--gen-frames {args.gen_frames} exceeds the LM's {lm_lib.LMConfig.max_frames} positions")
     presets = args.presets or (["small"] if cuda else ["toy", "small"])
     threads = args.threads or len(os.sched_getaffinity(0))
     bf16 = cuda if args.bf16 is None else args.bf16
@@ -513,29 +516,22 @@ def main(argv=None):
 
     results = []
     t_start = time.perf_counter()
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=2 * len(cases) * (rounds + (not cuda)), desc="bench", unit="run", leave=False)
-    except ImportError:
-        bar = None
+    bar = tqdm(total=2 * len(cases) * (rounds + (not cuda)), desc="bench", unit="run", leave=False)
     for part, label, spec in cases:
         row = dict(part=part, config=label, spec=spec)
         runs = {"ours": [], "theirs": []}
         for _ in range(rounds):  # ours, theirs, ours, theirs, ...: drifts in machine speed hit both sides alike
             for side in runs:
                 runs[side].append(run_child(dict(spec, side=side), timeout=1800))
-                if bar:
-                    bar.update(1)
+                bar.update(1)
         for side, rs in runs.items():
             row[side] = min(rs, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in rs)))
             row[side]["round_seconds"] = [r["seconds"] for r in rs]
             if not cuda:  # CPU peak RSS: a separate fresh child (glibc's heap would hide reuse in the timing one)
                 row[side]["peak_mib"] = run_child(dict(spec, side=side, memory_only=True), timeout=1800)["peak_mib"]
-                if bar:
-                    bar.update(1)
+                bar.update(1)
         results.append(row)
-    if bar:
-        bar.close()
+    bar.close()
     total = time.perf_counter() - t_start
     peak = args.peak_tflops or _peak_tflops(machine) if cuda else None
     table = render_table(results, cuda, peak)

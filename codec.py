@@ -1,7 +1,8 @@
 """EnCodec: a SEANet auto-encoder with residual vector quantization (RVQ) that turns audio into K parallel
-token streams and back (PAPER.md §1, §5). Modules, parameter names and numerics follow audiocraft's EncodecModel,
-so a released `compression_state_dict.bin` loads as is (keys encoder.model.*, decoder.model.*,
-quantizer.vq.layers.{k}._codebook.*), and so does transformers' port after renaming its keys (see the tests).
+token streams and back (PAPER.md §3.1; PAPER.md "audiocraft: EnCodec and its training"). Modules, parameter
+names and numerics follow audiocraft's EncodecModel, so a released `compression_state_dict.bin` loads as is
+(keys encoder.model.*, decoder.model.*, quantizer.vq.layers.{k}._codebook.*), and so does transformers' port after
+renaming its keys (see the tests).
 
   python codec.py train --manifest data/toy/train.jsonl --valid data/toy/valid.jsonl --preset toy --out runs/toy/codec
   python codec.py eval --ckpt runs/toy/codec/codec.pt --manifest data/toy/test.jsonl [--json metrics.json]
@@ -10,20 +11,22 @@ import argparse
 import json
 import math
 import os
-import pickle
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
 
 
 @dataclass
-class CodecConfig:
+class CodecConfig:  # defaults: MusicGen's 32 kHz EnCodec, PAPER.md "audiocraft: EnCodec and its training"
     sample_rate: int = 32000
     ratios: tuple = (8, 5, 4, 4)  # decoder (upsampling) order as in audiocraft; the encoder uses them reversed
-    n_filters: int = 64  # first width, doubled at each downsampling (PAPER.md §5)
+    n_filters: int = 64  # first width, doubled at each downsampling
     dimension: int = 128  # latent = codebook dimension
     n_residual_layers: int = 1
     lstm: int = 2  # LSTM layers (with skip) after the encoder / before the decoder convs
@@ -43,7 +46,7 @@ class CodecConfig:
 
 
 CODEC_PRESETS = {
-    "musicgen-32khz": CodecConfig(),  # PAPER.md §5: MusicGen's 32 kHz EnCodec, hop 640, 4 x 2048
+    "musicgen-32khz": CodecConfig(),  # MusicGen's 32 kHz EnCodec, hop 640, 4 x 2048
     "audiogen-16khz": CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2)),  # AudioGen's, hop 320
     # toy: 16 kHz, 50 Hz frames (hop 320) and K = 4 like the paper, sized for minutes on 2 CPU cores. Ratios in
     # the other order (the encoder strides by 8 first) halve the compute of (8, 5, 4, 2) at this width, and in our
@@ -118,10 +121,10 @@ class SConvTr1d(nn.Module):
 class ResBlock(nn.Module):
     """SEANet residual block: ELU, conv k=3 (dilated) to dim // compress, ELU, conv k=1 back; true (identity) skip."""
 
-    def __init__(self, dim, c, dilation):
+    def __init__(self, dim, cfg, dilation):
         super().__init__()
-        hidden = dim // c.compress
-        self.block = nn.Sequential(nn.ELU(), SConv1d(dim, hidden, c.residual_kernel_size, dilation=dilation),
+        hidden = dim // cfg.compress
+        self.block = nn.Sequential(nn.ELU(), SConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation),
                                    nn.ELU(), SConv1d(hidden, dim, 1))
 
     def forward(self, x):
@@ -147,25 +150,25 @@ class SEANet(nn.Module):
         return self.model(x)
 
 
-def encoder_layers(c):
-    ch = c.n_filters
-    layers = [SConv1d(1, ch, c.kernel_size)]
-    for r in reversed(c.ratios):
-        layers += [ResBlock(ch, c, c.dilation_base ** j) for j in range(c.n_residual_layers)]
+def encoder_layers(cfg):
+    ch = cfg.n_filters
+    layers = [SConv1d(1, ch, cfg.kernel_size)]
+    for r in reversed(cfg.ratios):
+        layers += [ResBlock(ch, cfg, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)]
         layers += [nn.ELU(), SConv1d(ch, 2 * ch, 2 * r, stride=r)]  # downsample by r, double the width
         ch *= 2
-    layers += [LSTMSkip(ch, c.lstm)] if c.lstm else []
-    return layers + [nn.ELU(), SConv1d(ch, c.dimension, c.last_kernel_size)]
+    layers += [LSTMSkip(ch, cfg.lstm)] if cfg.lstm else []
+    return layers + [nn.ELU(), SConv1d(ch, cfg.dimension, cfg.last_kernel_size)]
 
 
-def decoder_layers(c):
-    ch = c.n_filters * 2 ** len(c.ratios)
-    layers = [SConv1d(c.dimension, ch, c.kernel_size)] + ([LSTMSkip(ch, c.lstm)] if c.lstm else [])
-    for r in c.ratios:
+def decoder_layers(cfg):
+    ch = cfg.n_filters * 2 ** len(cfg.ratios)
+    layers = [SConv1d(cfg.dimension, ch, cfg.kernel_size)] + ([LSTMSkip(ch, cfg.lstm)] if cfg.lstm else [])
+    for r in cfg.ratios:
         layers += [nn.ELU(), SConvTr1d(ch, ch // 2, 2 * r, stride=r)]
         ch //= 2
-        layers += [ResBlock(ch, c, c.dilation_base ** j) for j in range(c.n_residual_layers)]
-    return layers + [nn.ELU(), SConv1d(ch, 1, c.last_kernel_size)]  # no final activation, as audiocraft
+        layers += [ResBlock(ch, cfg, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)]
+    return layers + [nn.ELU(), SConv1d(ch, 1, cfg.last_kernel_size)]  # no final activation, as audiocraft
 
 
 # ----------------------------------------------------------------------------------------------- RVQ
@@ -195,16 +198,16 @@ class Codebook(nn.Module):
     which shrinks every code by its count on the first update), and a re-seeded dead code gets matching EMA
     statistics (audiocraft overwrites the re-seeded vector in the same step, so its replacement never takes)."""
 
-    def __init__(self, c):
+    def __init__(self, cfg):
         super().__init__()
-        self.decay, self.iters, self.threshold, self.eps = c.decay, c.kmeans_iters, c.threshold_ema_dead_code, 1e-5
+        self.decay, self.iters, self.threshold, self.eps = cfg.decay, cfg.kmeans_iters, cfg.threshold_ema_dead_code, 1e-5
         self.register_buffer("inited", torch.zeros(1))
-        self.register_buffer("cluster_size", torch.zeros(c.bins))
-        self.register_buffer("embed", torch.zeros(c.bins, c.dimension))
-        self.register_buffer("embed_avg", torch.zeros(c.bins, c.dimension))
+        self.register_buffer("cluster_size", torch.zeros(cfg.bins))
+        self.register_buffer("embed", torch.zeros(cfg.bins, cfg.dimension))
+        self.register_buffer("embed_avg", torch.zeros(cfg.bins, cfg.dimension))
 
     @torch.no_grad()
-    def init_kmeans(self, x):  # x (N, D): the first training batch (PAPER.md §5: k-means init)
+    def init_kmeans(self, x):  # x (N, D): the first training batch (k-means init)
         means, bins = kmeans(x, len(self.embed), self.iters)
         self.embed.copy_(means)
         self.embed_avg.copy_(means * bins[:, None])
@@ -220,7 +223,7 @@ class Codebook(nn.Module):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing: no division by 0
         self.embed.copy_(self.embed_avg / smoothed[:, None])
-        dead = self.cluster_size < self.threshold  # PAPER.md §5: dead-code threshold 2
+        dead = self.cluster_size < self.threshold  # dead-code threshold 2
         if self.threshold > 0 and dead.any():
             self.embed[dead] = sample_vectors(x, int(dead.sum()))  # re-seed on random vectors of this batch
             self.embed_avg[dead] = self.embed[dead] * self.threshold
@@ -228,9 +231,9 @@ class Codebook(nn.Module):
 
 
 class VQLayer(nn.Module):
-    def __init__(self, c):
+    def __init__(self, cfg):
         super().__init__()
-        self._codebook = Codebook(c)
+        self._codebook = Codebook(cfg)
 
     def encode(self, x):  # (B, D, T) -> (B, T)
         B, D, T = x.shape
@@ -255,11 +258,11 @@ class VQLayer(nn.Module):
 
 
 class RVQ(nn.Module):
-    """Residual VQ: codebook k quantizes what codebooks < k left over (PAPER.md §1)."""
+    """Residual VQ: codebook k quantizes what codebooks < k left over (PAPER.md §3.1)."""
 
-    def __init__(self, c):
+    def __init__(self, cfg):
         super().__init__()
-        self.vq = nn.ModuleDict({"layers": nn.ModuleList(VQLayer(c) for _ in range(c.n_q))})  # vq.layers.{k}
+        self.vq = nn.ModuleDict({"layers": nn.ModuleList(VQLayer(cfg) for _ in range(cfg.n_q))})  # vq.layers.{k}
 
     def forward(self, x):  # (B, D, T) -> (B, D, T), codes (B, K, T), mean commitment over layers
         out, residual, codes, losses = 0.0, x, [], []
@@ -318,30 +321,6 @@ class EncodecModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _torch_load(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure is the user's file: name it, briefly
-        msg = (str(e).split("WeightsUnpickler error:")[-1].strip() or type(e).__name__).splitlines()[0]
-        if not (isinstance(e, pickle.UnpicklingError) and "omegaconf" in str(e)):
-            raise ValueError(f"{path}: not a {what} that torch.load(weights_only=True) reads: {msg}") from None
-    # Older audiocraft files pickle xp.cfg as an omegaconf DictConfig. We still load with weights_only=True and
-    # allow exactly the types such a config pickles to (found with torch.serialization.
-    # get_unsafe_globals_in_checkpoint); omegaconf is imported only here and only if it is installed.
-    try:
-        import typing, collections
-        from omegaconf import DictConfig, ListConfig, nodes, base
-    except ImportError:
-        raise ValueError(f"{path}: its 'xp.cfg' is a pickled omegaconf config; `pip install omegaconf` "
-                         "to read it") from None
-    allowed = [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, nodes.AnyNode, typing.Any,
-               collections.defaultdict, dict, list, int]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 XP_FIELDS = dict(sample_rate="sample_rate", ratios="seanet.ratios", n_filters="seanet.n_filters",
                  dimension="seanet.dimension", n_residual_layers="seanet.n_residual_layers", lstm="seanet.lstm",
                  kernel_size="seanet.kernel_size", last_kernel_size="seanet.last_kernel_size",
@@ -356,15 +335,8 @@ XP_FIXED = {"channels": 1, "encodec.causal": False, "encodec.renormalize": False
 
 def config_from_xp(xp, path="xp.cfg"):
     """audiocraft's xp.cfg (sample_rate, seanet.*, rvq.*) -> CodecConfig. xp.cfg is a yaml string in exported
-    files, or a dict, or an omegaconf DictConfig in older ones."""
-    if isinstance(xp, str):
-        import yaml
-        xp = yaml.safe_load(xp)
-    elif type(xp).__module__.startswith("omegaconf"):  # then _torch_load has imported omegaconf
-        from omegaconf import OmegaConf
-        xp = OmegaConf.to_container(xp, resolve=False)
-    if not isinstance(xp, dict):
-        raise ValueError(f"{path}: 'xp.cfg' is a {type(xp).__name__}, expected a config mapping")
+    files, or a dict, or an omegaconf DictConfig in older ones (data.xp_config)."""
+    xp = data.xp_config(xp, path)
 
     def get(keys, default):
         node = xp
@@ -386,12 +358,7 @@ def config_from_xp(xp, path="xp.cfg"):
 
 
 def _load_weights(model, sd, path):
-    have = model.state_dict()
-    missing, unexpected = sorted(have.keys() - sd.keys()), sorted(sd.keys() - have.keys())
-    bad = sorted(k for k in sd.keys() & have.keys() if sd[k].shape != have[k].shape)
-    if missing or unexpected or bad:
-        raise ValueError(f"{path}: weights don't fit the config: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, wrong shape {bad[:5]}")
+    data.check_state_dict(model.state_dict(), sd, path, f"the codec config {model.cfg}")
     model.load_state_dict(sd)
     return model
 
@@ -408,7 +375,7 @@ def _audiocraft_model(pkg, path):
 
 def load_audiocraft(path, device="cpu"):
     """audiocraft's `compression_state_dict.bin` ({'best_state': sd, 'xp.cfg': cfg}) -> EncodecModel (eval)."""
-    pkg = _torch_load(path, "audiocraft compression_state_dict.bin")
+    pkg = data.torch_load(path, "audiocraft compression_state_dict.bin")
     if not isinstance(pkg, dict):
         raise ValueError(f"{path}: expected a dict with 'best_state' and 'xp.cfg', got {type(pkg).__name__}")
     return _audiocraft_model(pkg, path).to(device).eval()
@@ -416,7 +383,7 @@ def load_audiocraft(path, device="cpu"):
 
 def load_codec(path, device="cpu"):
     """Our checkpoint ({"config": dict, "model": sd}) or an audiocraft compression_state_dict.bin -> model (eval)."""
-    pkg = _torch_load(path, "codec checkpoint")
+    pkg = data.torch_load(path, "codec checkpoint")
     if isinstance(pkg, dict) and ("xp.cfg" in pkg or "pretrained" in pkg):
         return _audiocraft_model(pkg, path).to(device).eval()
     if not isinstance(pkg, dict) or not isinstance(pkg.get("config"), dict) or "model" not in pkg:
@@ -429,17 +396,18 @@ def load_codec(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def mel_filterbank(sr, n_fft, n_mels, f_min, f_max=None):  # (n_fft//2+1, n_mels), HTK scale as torchaudio's default
+def mel_filterbank(sr, n_fft, n_mels, f_min, f_max=None, dtype=torch.float32):
+    """(n_fft//2+1, n_mels) triangular filters on the HTK mel scale, torchaudio's default (no normalisation)."""
     hz2mel, mel2hz = lambda f: 2595.0 * math.log10(1.0 + f / 700.0), lambda m: 700.0 * (10 ** (m / 2595.0) - 1.0)
-    freqs = torch.linspace(0, sr / 2, n_fft // 2 + 1)
-    f_pts = mel2hz(torch.linspace(hz2mel(f_min), hz2mel(f_max or sr / 2), n_mels + 2))
+    freqs = torch.linspace(0, sr / 2, n_fft // 2 + 1, dtype=dtype)
+    f_pts = mel2hz(torch.linspace(hz2mel(f_min), hz2mel(f_max or sr / 2), n_mels + 2, dtype=dtype))
     slopes = f_pts[None, :] - freqs[:, None]
     down, up = -slopes[:, :-2] / (f_pts[1:-1] - f_pts[:-2]), slopes[:, 2:] / (f_pts[2:] - f_pts[1:-1])
     return torch.clamp(torch.minimum(down, up), min=0.0)
 
 
 class MultiScaleMelLoss(nn.Module):
-    """audiocraft's msspec loss (weight 2, PAPER.md §5): for n_fft = 64 .. 1024 (hop n_fft / 4, 64 mels from 64 Hz,
+    """audiocraft's msspec loss (weight 2): for n_fft = 64 .. 1024 (hop n_fft / 4, 64 mels from 64 Hz,
     window-normalized power STFT), L1 on the mel power plus MSE on log10(1e-5 + mel), averaged over the 10 terms."""
 
     def __init__(self, sample_rate, n_mels=64, f_min=64.0, floor=1e-5):
@@ -539,13 +507,12 @@ def si_snr(y, x, eps=1e-8):  # (..., N) -> (...) dB, scale-invariant SNR of esti
 
 
 # ----------------------------------------------------------------------------------------------- training
-LOSS_WEIGHTS = dict(l1=0.1, msspec=2.0, adv=4.0, feat=4.0)  # PAPER.md §5; commitment (weight 1) is outside
+LOSS_WEIGHTS = dict(l1=0.1, msspec=2.0, adv=4.0, feat=4.0)  # commitment (weight 1) is outside
 
 
 def _batch(ds, step, batch_size, seed):
     """Batch `step` of a seeded per-epoch shuffle: a function of (seed, step) only, so a resumed run sees the same
     data (the dataset's crops are a function of (seed, epoch, item))."""
-    import data
     epoch, b = divmod(step, max(1, len(ds) // batch_size))
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     perm = perm.repeat(math.ceil(batch_size / len(ds)))  # tiny datasets: items repeat within a batch
@@ -555,7 +522,6 @@ def _batch(ds, step, batch_size, seed):
 
 @torch.no_grad()
 def validate(model, ds, msspec, max_items=32, batch_size=16):  # mean l1, msspec, SI-SNR of eval-mode round trips
-    import data
     model.eval()
     out, device = dict(l1=0.0, msspec=0.0, si_snr=0.0), next(model.parameters()).device
     for i in range(0, min(len(ds), max_items), batch_size):
@@ -570,13 +536,12 @@ def validate(model, ds, msspec, max_items=32, batch_size=16):  # mean l1, msspec
 def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=None, segment_seconds=1.0,
                 lr=3e-4, adversarial=None, resume=False, seed=0, device="cpu", eval_every=200, save_every=200,
                 threads=None, progress=True):
-    """Train an EnCodec with audiocraft's recipe (PAPER.md §5): Adam 3e-4 (0.5, 0.9), 1 s random crops, balanced
-    L1 (0.1) + multi-scale mel (2) [+ MS-STFT discriminator: hinge adversarial (4) + feature matching (4)], plus the
-    commitment loss. Writes out/codec.pt ({"config", "model", ...} for load_codec) and the resumable
-    out/codec_state.pt; steps / batch_size / adversarial None take TRAIN_DEFAULTS[preset]; threads: torch CPU
-    threads while training (restored after). resume=True on a finished run returns at once. Returns codec.pt's path."""
-    import data
-    from tqdm import tqdm
+    """Train an EnCodec with audiocraft's recipe (PAPER.md "audiocraft: EnCodec and its training"): Adam 3e-4
+    (0.5, 0.9), 1 s random crops, balanced L1 (0.1) + multi-scale mel (2) [+ MS-STFT discriminator: hinge
+    adversarial (4) + feature matching (4)], plus the commitment loss. Writes out/codec.pt ({"config",
+    "model", ...} for load_codec) and the resumable out/codec_state.pt; steps / batch_size / adversarial None take
+    TRAIN_DEFAULTS[preset]; threads: torch CPU threads while training (restored after). resume=True on a finished
+    run returns at once. Returns codec.pt's path."""
     if preset not in CODEC_PRESETS:
         raise ValueError(f"unknown codec preset {preset!r}; expected one of {sorted(CODEC_PRESETS)}")
     dflt = TRAIN_DEFAULTS[preset]
@@ -656,8 +621,6 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
 def evaluate_codec(model, manifest, batch_size=16, max_items=None, progress=True):
     """Round trips decode(encode(x)) of a manifest's clips: mean SI-SNR (dB), mean multi-scale mel distance (the
     msspec loss) and codebook usage (perplexity of each codebook's code histogram: bins if used uniformly)."""
-    import data
-    from tqdm import tqdm
     ds = data.AudioTextDataset(manifest, model.sample_rate, None, random_crop=False)
     n, device = len(ds) if max_items is None else min(len(ds), max_items), next(model.parameters()).device
     msspec = MultiScaleMelLoss(model.sample_rate).to(device)
@@ -670,8 +633,8 @@ def evaluate_codec(model, manifest, batch_size=16, max_items=None, progress=True
         for j, length in enumerate(b["mask"].sum(1).tolist()):  # each clip without its batch padding
             snrs.append(si_snr(y[j, 0, :length], x[j, 0, :length]).item())
             mels.append(msspec(y[j:j + 1, :, :length], x[j:j + 1, :, :length]).item())
-            for k, c in enumerate(codes[j, :, :math.ceil(length / model.hop_length)].cpu()):
-                counts[k] += torch.bincount(c, minlength=model.cardinality)
+            for k, code in enumerate(codes[j, :, :math.ceil(length / model.hop_length)].cpu()):
+                counts[k] += torch.bincount(code, minlength=model.cardinality)
     p = counts / counts.sum(1, keepdim=True)
     ppl = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum(1))
     return dict(manifest=manifest, n_items=n, si_snr_db=sum(snrs) / n, mel_distance=sum(mels) / n,
@@ -726,8 +689,7 @@ def main(argv=None):
         for k, (p, u) in enumerate(zip(r["perplexity"], r["codes_used"])):
             print(f"  {k:8d}   {p:10.1f}   {u:10d}")
         if args.json:
-            import data
-            data.atomic_write_text(args.json, json.dumps(dict(r, ckpt=args.ckpt), indent=2) + "\n")
+            data.atomic_write(args.json, json.dumps(dict(r, ckpt=args.ckpt), indent=2) + "\n")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -1,6 +1,7 @@
-"""Data: atomic writes, the toy sound-event set, and the manifest dataset (ours and audiocraft's layout).
+"""Data: safe file I/O, the toy sound-event set, the manifest dataset (ours and audiocraft's layout), and the
+sources train.py reads its steps from (cached codec tokens or audio crops).
 
-Toy set (issue 2): 2.0 s, 16 kHz mono clips holding 1-3 events of one sound -- sine ("beep", "tone"),
+Toy set: 2.0 s, 16 kHz mono clips holding 1-3 events of one sound -- sine ("beep", "tone"),
 square ("buzz"), sawtooth ("synth note", "sawtooth") or white noise ("noise burst", "hiss") -- at
 220 / 440 / 880 Hz (+-2% per clip), captioned from templates with synonyms. A few attribute combinations
 occur only in the test split, to measure compositional control. It is written as wav files plus the same
@@ -13,33 +14,104 @@ sidecar .json beside the audio file). `.jsonl.gz` is read too.
 Usage: python data.py [--root data/toy --seed 0]   # writes the toy set and prints its sizes and timing
 """
 import argparse
+import collections
 import gzip
+import hashlib
 import json
 import math
 import os
+import pickle
 import time
+import typing
 import warnings
 
 import numpy as np
 import soundfile as sf
 import soxr
 import torch
+import torch.distributed as dist
+import yaml
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------- atomic writes
+# ----------------------------------------------------------------------------- files: atomic writes, safe loads
+def atomic_write(path, content):
+    """Write str / bytes `content`, or call `content(tmp)` to write the file, at a temporary name beside `path`,
+    then os.replace: a crash or kill never leaves a half-written file under the real name. The temporary name
+    holds the pid, so ranks writing the same file do not collide; a failed write removes it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_save(obj, path):
-    """torch.save to path + '.tmp', then os.replace: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save, atomically (atomic_write). Saved through a file object, so the archive's inner folder name
+    does not depend on the temporary file name: the same object gives the same bytes."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, save)
 
 
-def atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def torch_load(path, what, mmap=False):
+    """torch.load(weights_only=True) of a file that may come from anyone -> its object. A missing or unreadable
+    file is a one-line error naming it. Older audiocraft files pickle their xp.cfg as an omegaconf DictConfig:
+    those load with exactly the types such a config pickles to allowed (found with torch.serialization.
+    get_unsafe_globals_in_checkpoint), and only when omegaconf is installed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 -- any failure is the user's file: name it, briefly
+        msg = (str(e).split("WeightsUnpickler error:")[-1].strip() or type(e).__name__).splitlines()[0][:300]
+        if not (isinstance(e, pickle.UnpicklingError) and "omegaconf" in str(e)):
+            raise ValueError(f"{path}: not a {what} that torch.load(weights_only=True) reads: {msg}") from None
+    try:  # optional dependency: only these old files need it
+        from omegaconf import DictConfig, ListConfig, base, nodes
+    except ImportError:
+        raise ValueError(f"{path}: its 'xp.cfg' is a pickled omegaconf config; `pip install omegaconf` "
+                         "to read it") from None
+    allowed = [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, nodes.AnyNode, typing.Any,
+               collections.defaultdict, dict, list, int]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def xp_config(xp, path):
+    """audiocraft's 'xp.cfg' of a released checkpoint -> a plain dict. Exported files hold it as YAML text
+    (OmegaConf.to_yaml), older ones as an omegaconf DictConfig, our tests as a dict."""
+    if isinstance(xp, str):
+        xp = yaml.safe_load(xp)
+    elif type(xp).__module__.startswith("omegaconf"):  # then torch_load has imported omegaconf
+        from omegaconf import OmegaConf
+        xp = OmegaConf.to_container(xp, resolve=False)
+    if not isinstance(xp, dict):
+        raise ValueError(f"{path}: 'xp.cfg' is a {type(xp).__name__}, expected a config mapping")
+    return xp
+
+
+def check_state_dict(expected, sd, source, target):
+    """Raise one ValueError naming every missing / unexpected key and shape mismatch (the first 10 of each) of
+    the state dict `sd` read from `source` against `expected` (a model's state_dict()), instead of
+    load_state_dict's traceback; `target` says what it should fit."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(v)}): {v[:10]}" for name, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
+        raise ValueError(f"{source}: weights do not fit {target}: " + "; ".join(parts))
 
 
 # ----------------------------------------------------------------------------- the toy set
@@ -167,14 +239,13 @@ def make_toy_dataset(root, seed=0, n_train=DEFAULT_SIZES["n_train"], n_valid=DEF
             text = make_caption(c["count"], c["pitch"], c["kind"], rng)
             wav = synth_clip(c["count"], c["pitch"], c["kind"], rng)
             rel = f"wav/{split}/{i:05d}.wav"
-            tmp = os.path.join(root, rel + f".{os.getpid()}.tmp")
-            sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-            os.replace(tmp, os.path.join(root, rel))
+            atomic_write(os.path.join(root, rel),
+                         lambda tmp: sf.write(tmp, wav, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
             attrs = dict(c, held_out=c in HELD_OUT_COMBOS)
             lines.append(json.dumps(dict(path=rel, text=text, duration=CLIP_SECONDS, attributes=attrs)))
         out[split] = os.path.join(root, f"{split}.jsonl")
-        atomic_write_text(out[split], "\n".join(lines) + "\n")
-    atomic_write_text(os.path.join(root, "toy_meta.json"), _meta(seed, sizes))
+        atomic_write(out[split], "\n".join(lines) + "\n")
+    atomic_write(os.path.join(root, "toy_meta.json"), _meta(seed, sizes))
     return out
 
 
@@ -324,15 +395,143 @@ def collate(batch):
                 index=torch.tensor([b["index"] for b in batch]))
 
 
-if __name__ == "__main__":
+
+# ----------------------------------------------------------------------------- training sources
+# What train.py reads a step from: cached codec tokens (the default) or audio crops encoded at every step.
+# Both give batch(pairs, device) -> codes (B, K, T) int64, frame mask (B, T) bool, texts, for the
+# (epoch, item) pairs of the step, and every crop is a function of (seed, epoch, item), so a resumed or
+# re-sharded run reads the same data.
+
+def rng(*key):
+    """numpy generator seeded by a tuple: the data order, crops and CFG draws are functions of (seed, step)."""
+    return np.random.default_rng([int(k) for k in key])
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    dist.all_reduce(x, op=op)
+    return x
+
+
+def fail_together(err):
+    """Raise ValueError on EVERY rank if any rank hit an error (a rank raising alone would leave the others
+    waiting in the next collective)."""
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    first = next((e for e in errs if e), None)
+    if first:
+        raise ValueError(first)
+
+
+class TokenSource:
+    """Cached codec tokens of a manifest: full-clip codes (K, sum T_i) int16 + offsets; crops in token space."""
+
+    def __init__(self, path, seg_frames, random_crop, seed):
+        d = torch_load(path, "token cache", mmap=True)
+        self.codes, self.offsets, self.texts = d["codes"], d["offsets"].tolist(), d["texts"]
+        self.seg, self.random_crop, self.seed = seg_frames, random_crop, seed
+
+    def __len__(self):
+        return len(self.texts)
+
+    def batch(self, pairs, device):  # -> codes (B, K, T) int64, frame mask (B, T) bool, texts
+        K, T = self.codes.shape[0], self.seg
+        codes, mask = torch.zeros(len(pairs), K, T, dtype=torch.long), torch.zeros(len(pairs), T, dtype=torch.bool)
+        for b, (epoch, i) in enumerate(pairs):
+            a, n = self.offsets[i], self.offsets[i + 1] - self.offsets[i]
+            start = int(rng(self.seed, epoch, i).integers(n - T + 1)) if self.random_crop and n > T else 0
+            m = min(T, n - start)
+            codes[b, :, :m], mask[b, :m] = self.codes[:, a + start:a + start + m].long(), True
+        return codes.to(device), mask.to(device), [self.texts[i] for _, i in pairs]
+
+
+class AudioSource:
+    """--no-cache-tokens: crops of the audio (AudioTextDataset) encoded by the frozen codec at every step."""
+
+    def __init__(self, manifest, codec, cfg, random_crop):
+        self.ds = AudioTextDataset(manifest, codec.sample_rate, cfg.segment_seconds, cfg.skip_bad, random_crop,
+                                   cfg.seed)
+        self.texts, self.codec = [it["text"] for it in self.ds.items], codec
+
+    def __len__(self):
+        return len(self.texts)
+
+    @torch.no_grad()
+    def batch(self, pairs, device):
+        items = []
+        for epoch, i in pairs:
+            self.ds.set_epoch(epoch)
+            items.append(self.ds[i])
+        b = collate(items)
+        codes = self.codec.encode(b["wav"].to(device))  # (B, K, T)
+        mask = b["mask"][:, ::self.codec.hop_length][:, :codes.shape[-1]].to(device)  # frame real iff its 1st sample is
+        return codes, mask, b["text"]
+
+
+def cache_tokens(manifest, codec, cfg, rank, world, device):
+    """Encode every item of the manifest once, whole (ranks share the work) -> path of the cache file. Reused while
+    the manifest and the codec file are unchanged. cfg: train.py's TrainConfig (codec, cache_dir, run_dir, skip_bad)."""
+    items, _ = read_manifest(manifest, skip_bad=cfg.skip_bad)
+    stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)]
+    meta = dict(manifest=stat(manifest), codec=stat(cfg.codec), n_items=len(items))
+    key = hashlib.sha1(f"{meta['manifest'][0]}|{meta['codec'][0]}".encode()).hexdigest()[:10]
+    path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "tokens"),
+                        f"{os.path.basename(manifest).split('.')[0]}-{key}.pt")
+    if os.path.exists(path) and torch_load(path, "token cache", mmap=True)["meta"] == meta:
+        return path
+    index, codes, err = [], [], None
+    for i in tqdm(range(rank, len(items), world), desc=f"cache tokens {os.path.basename(manifest)}", disable=rank != 0):
+        it = items[i]
+        try:
+            wav = load_audio(it["path"], codec.sample_rate, it["offset"], it["duration"])  # (1, N)
+        except Exception as e:
+            if not cfg.skip_bad:
+                err = f"{manifest} line {it['line']}: cannot decode {it['path']}: {e}"
+                break
+            continue
+        with torch.no_grad():
+            x = codec.encode(wav[None].to(device))[0]  # (K, T) of the whole item
+        index.append(i)
+        codes.append(x.to(torch.int16 if codec.cardinality < 2**15 else torch.int32).cpu())
+    fail_together(err)
+    if not all_reduce(torch.tensor(sum(x.shape[-1] > 0 for x in codes), device=device)).item():
+        raise ManifestError(f"{manifest}: no usable items")
+    atomic_save(dict(index=index, codes=codes), f"{path}.rank{rank}")
+    dist.barrier()
+    if rank == 0:  # merge the ranks' parts, in manifest order
+        got = {}
+        for r in range(world):
+            part = torch_load(f"{path}.rank{r}", "token cache part")
+            got.update((i, x) for i, x in zip(part["index"], part["codes"]) if x.shape[-1] > 0)
+        keep = sorted(got)
+        atomic_save(dict(codes=torch.cat([got[i] for i in keep], dim=1), meta=meta,
+                         offsets=torch.tensor([0] + list(np.cumsum([got[i].shape[-1] for i in keep]))),
+                         texts=[items[i]["text"] for i in keep]), path)
+        for r in range(world):
+            os.remove(f"{path}.rank{r}")
+    dist.barrier()
+    return path
+
+
+def make_source(manifest, codec, cfg, seg_frames, random_crop, rank, world, device):
+    """TokenSource of the token cache (cfg.cache_tokens) or AudioSource of the manifest; ValueError on bad data."""
+    if cfg.cache_tokens:
+        return TokenSource(cache_tokens(manifest, codec, cfg, rank, world, device), seg_frames, random_crop, cfg.seed)
+    return AudioSource(manifest, codec, cfg, random_crop)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Write the toy sound-event set (wavs + JSONL manifests).")
     ap.add_argument("--root", default="data/toy", help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="the set is a deterministic function of the seed")
     for k, v in DEFAULT_SIZES.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v, help=f"clips in the split (default {v})")
-    a = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.time()
-    paths = make_toy_dataset(a.root, a.seed, a.n_train, a.n_valid, a.n_test)
+    paths = make_toy_dataset(args.root, args.seed, args.n_train, args.n_valid, args.n_test)
     for split, p in paths.items():
         print(f"{split}: {len(read_manifest(p)[0])} clips in {p}")
     print(f"made in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

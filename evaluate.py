@@ -17,21 +17,28 @@ Usage:
   python evaluate.py --oracle-check [--codec runs/toy/codec/codec.pt]   # oracle accuracy on clips / round trips
   python evaluate.py --ckpt runs/toy [--samples-per-prompt 4] [--json out.json]
   python evaluate.py --ablation [--ablation-steps 300 --seeds 0 1 2]    # toy Table 1 (LM only; reuses runs/toy's
-                                                                         # codec and T5), see README_eval.md
+                                                                         # codec and T5), see RESULTS.md
 """
 import argparse
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
+import time
 from collections import Counter
 
 import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
 
-from data import ALL_COMBOS, read_manifest, ensure_toy_dataset
+import codec as codec_lib
+import data
+import sample
 
-SR = 16000
-PITCH_HZ = {"low": 220.0, "mid": 440.0, "high": 880.0}
+SR = data.SAMPLE_RATE  # the toy set's rate, which the oracle's thresholds assume
 SILENCE_RMS = 1e-3  # frame RMS below -60 dBFS everywhere = no events
 
 
@@ -124,7 +131,7 @@ def analyse_clip(x, sr=SR):
         out["kind"] = "noise"
         return out
     out["f0"] = f0
-    out["pitch"] = min(PITCH_HZ, key=lambda k: abs(math.log2(f0 / PITCH_HZ[k])))
+    out["pitch"] = min(data.PITCH_HZ, key=lambda k: abs(math.log2(f0 / data.PITCH_HZ[k])))
     a = np.array([_peak_near(freqs, mag, h * f0) for h in range(1, 11) if h * f0 < sr / 2 - 300])
     a = a / (a[0] + 1e-12)  # a[h-1] = amplitude of harmonic h relative to the fundamental
     upper = math.sqrt((a[1:] ** 2).sum())
@@ -138,22 +145,14 @@ def analyse_clip(x, sr=SR):
 
 def combo_label(attrs):
     """(count, pitch, kind) of an attribute dict; 'other' when outside the toy set (no events, > 3 ...)."""
-    c, p, k = attrs.get("count"), attrs.get("pitch"), attrs.get("kind")
-    if k == "noise":
-        p = None
-    ok = c in (1, 2, 3) and k in ("sine", "square", "sawtooth", "noise") and (k == "noise") == (p is None)
-    return (c, p, k) if ok and (p is None or p in PITCH_HZ) else "other"
+    count, pitch, kind = attrs.get("count"), attrs.get("pitch"), attrs.get("kind")
+    if kind == "noise":
+        pitch = None
+    ok = count in data.COUNTS and kind in data.KINDS and (kind == "noise") == (pitch is None)
+    return (count, pitch, kind) if ok and (pitch is None or pitch in data.PITCH_HZ) else "other"
 
 
 # ----------------------------------------------------------------------------- the metric trio, toy edition
-def _mel_filterbank(n_mels=32, n_fft=512, sr=SR, fmin=50.0, fmax=7600.0):
-    mel = lambda f: 2595 * np.log10(1 + f / 700)
-    hz = 700 * (10 ** (np.linspace(mel(fmin), mel(fmax), n_mels + 2) / 2595) - 1)
-    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
-    lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
-    return np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))  # (n_mels, F)
-
-
 def embed_clip(x, sr=SR):
     """The fixed embedding of the toy Frechet distance: log(mel power + 1e-3) (32 bands, 32 ms Hann, 10 ms hop),
     then per 0.5 s window (hop 0.25 s) the mean and std of each band over its frames -> (W, 64). Like VGGish in
@@ -161,7 +160,8 @@ def embed_clip(x, sr=SR):
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     frames = _frames(x, 512, sr // 100) * np.hanning(512)
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (F, 257)
-    logmel = np.log(power @ _mel_filterbank(sr=sr).T + 1e-3)  # (F, 32); floor ~60 dB below a 0.3-peak tone
+    mel = codec_lib.mel_filterbank(sr, 512, 32, 50.0, 7600.0, dtype=torch.float64).numpy()  # (257, 32)
+    logmel = np.log(power @ mel + 1e-3)  # (F, 32); floor ~60 dB below a 0.3-peak tone
     wins = [logmel[s:s + 50] for s in range(0, max(1, len(logmel) - 49), 25)]
     return np.stack([np.concatenate([w.mean(0), w.std(0)]) for w in wins])
 
@@ -178,7 +178,7 @@ def frechet_distance(emb_a, emb_b):
 
 
 def _label_dist(labels, alpha):
-    keys = [combo_label(c) for c in ALL_COMBOS] + ["other"]
+    keys = [combo_label(c) for c in data.ALL_COMBOS] + ["other"]
     counts = Counter(labels)
     p = np.array([counts.get(k, 0) + alpha for k in keys], dtype=np.float64)
     return p / p.sum()
@@ -233,12 +233,11 @@ def _test_manifest(data_root):
     """The toy test manifest; made with data.ensure_toy_dataset only when missing (never re-made: a run's
     data may use other sizes than the defaults)."""
     path = os.path.join(data_root, "test.jsonl")
-    return path if os.path.exists(path) else ensure_toy_dataset(data_root)["test"]
+    return path if os.path.exists(path) else data.ensure_toy_dataset(data_root)["test"]
 
 
 def _load_items(manifest, max_items=None):
-    import soundfile as sf
-    items, _ = read_manifest(manifest)
+    items, _ = data.read_manifest(manifest)
     items = [it for it in items if it.get("attributes")][:max_items]
     if not items:
         raise SystemExit(f"{manifest}: no items with 'attributes' (the toy set's manifests have them)")
@@ -252,7 +251,6 @@ def _load_items(manifest, max_items=None):
 
 def codec_roundtrip(codec, wavs, batch_size=16):
     """list of (N,) numpy clips -> the codec's decode(encode(.)) of each, same length."""
-    import torch
     out = []
     for i in range(0, len(wavs), batch_size):
         x = torch.from_numpy(np.stack(wavs[i:i + batch_size]))[:, None]  # (B, 1, N)
@@ -264,13 +262,12 @@ def codec_roundtrip(codec, wavs, batch_size=16):
 
 def oracle_check(data_root="data/toy", codec_path=None, max_clips=300, split="test"):
     """Oracle accuracy on up to max_clips of a toy split and, given a codec, on their round trips:
-    {"clips": control(...), "roundtrip": control(...)}. Targets (acc_all): >= 99% and >= 95% (issue 6)."""
+    {"clips": control(...), "roundtrip": control(...)}. Targets (acc_all): >= 99% and >= 95%."""
     manifest = _test_manifest(data_root) if split == "test" else os.path.join(data_root, f"{split}.jsonl")
     items = _load_items(manifest, max_clips)
     truth = [it["attributes"] for it in items]
     res = dict(n_clips=len(items), clips=control(truth, [analyse_clip(it["wav"]) for it in items]))
     if codec_path:
-        import codec as codec_lib
         wavs = codec_roundtrip(codec_lib.load_codec(codec_path), [it["wav"] for it in items])
         res.update(codec=codec_path, roundtrip=control(truth, [analyse_clip(w) for w in wavs]))
     return res
@@ -279,9 +276,6 @@ def oracle_check(data_root="data/toy", codec_path=None, max_clips=300, split="te
 def evaluate_run(run, data_root="data/toy", samples_per_prompt=4, max_prompts=None, seed=0, batch_size=16,
                  cfg_coef=3.0, top_k=250, device="cpu", progress=True):
     """Generate samples_per_prompt clips for each test prompt with the run's LM and score them."""
-    import torch
-    import sample
-    from tqdm import tqdm
     items = _load_items(_test_manifest(data_root), max_prompts)
     codec, t5, lm = sample.load_run(run, device)
     texts = [it["text"] for it in items for _ in range(samples_per_prompt)]
@@ -308,7 +302,7 @@ def format_table(results):
 
 
 # ----------------------------------------------------------------------------- the toy Table 1
-# name -> train.py flags. PAPER.md §2: best = RR max pooling, lambda 3, 10% CFG steps; mean pooling gave no gain.
+# name -> train.py flags. PAPER.md §3.2: best = RR max pooling, lambda 3, 10% CFG steps; mean pooling gave no gain.
 ABLATION = {
     "no_rr": dict(rr_weight=0.0, rr_pool="max", cfg_prob=0.1),
     "rr_max_l3": dict(rr_weight=3.0, rr_pool="max", cfg_prob=0.1),
@@ -324,10 +318,6 @@ def run_ablation(args):
     """Train every config x seed with the same steps (LM only: the main run's codec, T5 and token cache are
     reused), evaluate each, and aggregate mean +- std over seeds. Resumable: finished runs are kept in
     ABLATION_DIR/results.json and skipped."""
-    import shutil
-    import subprocess
-    import time
-    from data import atomic_write_text
     for path, what in ((args.ablation_codec, "toy codec"), (os.path.join(args.ablation_t5, "config.json"), "toy T5")):
         if not os.path.exists(path):
             raise SystemExit(f"evaluate.py: error: {what} not found at {path}; run the main job python train.py first")
@@ -359,7 +349,7 @@ def run_ablation(args):
                                    args.batch_size, args.cfg_coef, args.top_k, args.device, progress=False)
             runs[key] = dict(config=name, seed=seed, steps=args.ablation_steps, flags=flags, metrics=metrics,
                              train_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1))
-            atomic_write_text(res_path, json.dumps(runs, indent=1))
+            data.atomic_write(res_path, json.dumps(runs, indent=1))
             r = runs[key]
             print(f"{key}: acc_all {metrics['all']['acc_all']:.3f}; train {r['train_s']} s, eval {r['eval_s']} s")
     table = {}
@@ -378,7 +368,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Toy controllability evaluation: oracle, control accuracy, FD/KL/agree.")
     ap.add_argument("--ckpt", help="train.py run directory or its lm.pt: generate for the test prompts and score")
     ap.add_argument("--oracle-check", action="store_true", help="oracle accuracy on toy clips and codec round trips")
-    ap.add_argument("--ablation", action="store_true", help="train + evaluate the toy Table 1 grid (README_eval.md)")
+    ap.add_argument("--ablation", action="store_true", help="train + evaluate the toy Table 1 grid (RESULTS.md)")
     ap.add_argument("--data", default="data/toy", help="toy data root (made with data.ensure_toy_dataset if missing)")
     ap.add_argument("--codec", default="runs/toy/codec/codec.pt", help="codec for --oracle-check round trips")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="generated clips per test prompt")
@@ -404,7 +394,6 @@ def main(argv=None):
         raise SystemExit("evaluate.py: error: give exactly one of --ckpt RUN, --oracle-check, --ablation")
     if args.samples_per_prompt < 1 or args.batch_size < 1:
         raise SystemExit("evaluate.py: error: --samples-per-prompt and --batch-size must be >= 1")
-    import torch
     torch.set_num_threads(args.threads)  # oversubscribed OpenMP threads made generation 7x slower on 2 busy cores
     if args.oracle_check:
         codec = args.codec if os.path.exists(args.codec) else None
@@ -426,8 +415,7 @@ def main(argv=None):
     else:
         res = run_ablation(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        data.atomic_write(args.json, json.dumps(res, indent=2))
         print(f"wrote {args.json}")
 
 

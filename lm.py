@@ -1,8 +1,9 @@
-"""The delay-pattern transformer LM of MusicGen / AudioGen (PAPER.md §1, §5) and its fast CFG sampler.
+"""The delay-pattern transformer LM of MusicGen / AudioGen and its fast CFG sampler (PAPER.md §3.1;
+PAPER.md "audiocraft: LM layers and init").
 
 Same function as audiocraft's `LMModel` (module names mirror its state-dict keys, so released
 `state_dict.bin` files load with `load_musicgen`), plus:
-  - `lm_loss`: per-codebook cross-entropy (Eq. 1/2) and the hidden states the RR loss pools (§3.2);
+  - `lm_loss`: per-codebook cross-entropy (Eq. 1/2) and the hidden states the RR loss pools (PAPER.md §3.2);
   - `generate`: KV-cached sampling with classifier-free guidance as one doubled batch.
 Shapes: B batch, K codebooks, T frames, S pattern steps, D width, H heads, Tt text tokens.
 """
@@ -13,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
 
 try:  # optional: memory-efficient attention on CUDA, as audiocraft trains with (PAPER.md §4.2)
     import xformers.ops as xops
@@ -59,7 +62,8 @@ def lm_config(preset, **overrides):
     return cfg
 
 
-# ---------------------------------------------------------------- delay pattern (PAPER.md §5)
+# ---------------------------------------------------------------- delay pattern
+# PAPER.md "audiocraft: delay pattern".
 # Step 0 holds only the special token; step s holds frame s-1-k of codebook k when 0 <= s-1-k < T.
 # The model's output at step s predicts step s+1, i.e. frame s-k of codebook k.
 
@@ -104,7 +108,8 @@ def attend(q, k, v, causal=False):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with fused q/k/v weight `in_proj_weight` (3D, D) and no biases (PAPER.md §5)."""
+    """Multi-head attention with fused q/k/v weight `in_proj_weight` (3D, D) and no biases
+    (PAPER.md "audiocraft: LM layers and init")."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -136,7 +141,8 @@ class Block(nn.Module):
 
     def forward(self, x, ctx=None):  # x (B, S, D), ctx (B, Tt, D) or None
         x = x + self.self_attn(self.norm1(x))
-        if ctx is not None:  # dropped text: zero keys/values would add exactly zero, so skip (PAPER.md §5)
+        if ctx is not None:  # dropped text: zero keys/values would add exactly zero, so skip
+            # (PAPER.md "audiocraft: cross-attention and padding")
             x = x + self.cross_attention(self.norm_cross(x), ctx)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
@@ -158,14 +164,16 @@ class AudioLM(nn.Module):
         self.transformer = nn.ModuleDict({"layers": nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])})
         self.out_norm = nn.LayerNorm(D)
         self.linears = nn.ModuleList([nn.Linear(D, cfg.card, bias=False) for _ in range(K)])
-        self.text_proj = nn.Linear(cfg.text_dim, D)  # T5 -> LM width, with bias (PAPER.md §5)
+        # T5 -> LM width, with bias (PAPER.md "audiocraft: T5 conditioner")
+        self.text_proj = nn.Linear(cfg.text_dim, D)
         # generation needs positions 0 .. max_frames + K - 2; not saved (a function of the config)
         self.register_buffer("pos_emb", sin_embedding(cfg.max_frames + K, D), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        """audiocraft's MusicGen init (weight_init gaussian, depthwise_init current, PAPER.md §5)."""
+        """audiocraft's MusicGen init (weight_init gaussian, depthwise_init current):
+        PAPER.md "audiocraft: LM layers and init"."""
         def trunc_normal(w, fan_in, depth=None):  # std 1/sqrt(fan_in), / sqrt(2 * depth) inside the layers
             std = fan_in ** -0.5 / (math.sqrt(2 * depth) if depth else 1.0)
             nn.init.trunc_normal_(w, 0.0, std, -3 * std, 3 * std)
@@ -186,7 +194,7 @@ class AudioLM(nn.Module):
 
     def project_text(self, text, text_mask):
         """(B, Tt, Dt) T5 output, (B, Tt) bool -> (B, Tt, D); audiocraft masks AFTER the projection, so
-        padded / empty-caption positions are exact zeros (bias included) -- PAPER.md §5."""
+        padded / empty-caption positions are exact zeros (bias included) -- PAPER.md "audiocraft: T5 conditioner"."""
         ctx = self.text_proj(text)
         return ctx if text_mask is None else ctx * text_mask.unsqueeze(-1).to(ctx.dtype)
 
@@ -225,7 +233,8 @@ def lm_loss(lm, codes, text, text_mask, drop_text=False, frame_mask=None):
     seq = build_delay_pattern(codes, card)  # (B, K, T+1)
     logits, hidden = lm(seq, None if drop_text else text, None if drop_text else text_mask)
     sums, mask = [], torch.zeros(B, K, T, dtype=torch.bool, device=codes.device)
-    for k in range(K):  # frame t of codebook k is predicted at step t+k; valid for t < T-k (PAPER.md §5)
+    for k in range(K):  # frame t of codebook k is predicted at step t+k; valid for t < T-k
+        # (PAPER.md "audiocraft: delay pattern")
         n = T - k
         mk = fm[:, :n]
         mask[:, k, :n] = mk
@@ -235,7 +244,8 @@ def lm_loss(lm, codes, text, text_mask, drop_text=False, frame_mask=None):
     ce_sum, count = torch.stack(sums), mask.sum((0, 2))
     per_cb = ce_sum / count.clamp(min=1)  # mean over the valid positions of the batch, per codebook
     # Hidden step t is the state that predicts frame t of codebook 0 (and frame t-k of codebook k); it has only
-    # seen frames < t, so with a zero-padded clip it is valid exactly where frame t is -- "padding never wins" (§3.2).
+    # seen frames < t, so with a zero-padded clip it is valid exactly where frame t is -- "padding never wins"
+    # (PAPER.md §3.2).
     return dict(loss=per_cb.mean(), per_codebook_ce=per_cb.detach(), ce_sum=ce_sum, count=count, logits=logits,
                 hidden=hidden[:, :T], hidden_mask=fm, mask=mask)
 
@@ -272,7 +282,8 @@ def few_rows_linear(x, w):
 def _cached_stepper(lm, ctx, B, N, S):
     """Returns step(s, tokens (B, K)) -> hidden (N, D) with a preallocated self-attention KV cache and the
     text keys/values computed once. Rows [:B] are conditional, [B:N] the null condition (no cross-attention:
-    its zero text would add exactly zero, PAPER.md §5). Weights are read once here to keep the loop lean."""
+    its zero text would add exactly zero, PAPER.md "audiocraft: cross-attention and padding"). Weights are read
+    once here to keep the loop lean."""
     cfg, p = lm.cfg, next(lm.parameters())
     D, H = cfg.dim, cfg.num_heads
     hd = D // H
@@ -311,9 +322,9 @@ def _cached_stepper(lm, ctx, B, N, S):
 def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0, temperature=1.0,
              generator=None, use_cache=True, progress=True, num_samples=1):
     """text (B, Tt, Dt) T5 output + mask (B, Tt) -> codes (B, K, num_frames).
-    CFG (PAPER.md §1, §5): logits = uncond + cfg_coef * (cond - uncond), cond and null condition run as one
-    doubled batch; cfg_coef=None runs the conditional model alone. text None: unconditional, num_samples rows.
-    use_cache=False recomputes the whole prefix at every step (reference path for tests)."""
+    CFG (PAPER.md "audiocraft: sampling"): logits = uncond + cfg_coef * (cond - uncond), cond and null condition
+    run as one doubled batch; cfg_coef=None runs the conditional model alone. text None: unconditional,
+    num_samples rows. use_cache=False recomputes the whole prefix at every step (reference path for tests)."""
     cfg = lm.cfg
     K, card, T = cfg.num_codebooks, cfg.card, int(num_frames)
     if not 1 <= T <= cfg.max_frames:
@@ -338,7 +349,7 @@ def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0
         step = _cached_stepper(lm, None if text is None else lm.project_text(text, text_mask), B, N, S)
     else:
         txt, msk = text, text_mask
-        if guided:  # the null condition: an empty caption, all positions masked (PAPER.md §5)
+        if guided:  # the null condition: an empty caption, all positions masked (PAPER.md "audiocraft: CFG dropout")
             txt, msk = torch.cat([text, torch.zeros_like(text)]), torch.cat([text_mask, torch.zeros_like(text_mask)])
 
         def step(s, tokens):
@@ -355,21 +366,17 @@ def generate(lm, text, text_mask, num_frames, cfg_coef=3.0, top_k=250, top_p=0.0
 
 # ---------------------------------------------------------------- checkpoints
 
-def _check_state(own, sd, source, cfg):
-    """Name every missing / unexpected key and shape mismatch (first 10 of each) instead of a bare traceback."""
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{name} ({len(v)}): {v[:10]}" for name, v in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if v]
-        raise ValueError(f"{source}: state dict does not match the LM config {cfg}:\n  " + "\n  ".join(parts))
+def check_compatible(codec, t5, lm_cfg, source):
+    """The LM (its LMConfig) must model the codec's tokens and read the text encoder's width."""
+    got = (codec.num_codebooks, codec.cardinality, t5.dim)
+    if got != (lm_cfg.num_codebooks, lm_cfg.card, lm_cfg.text_dim):
+        raise ValueError(f"{source}: LM expects {lm_cfg.num_codebooks} codebooks x {lm_cfg.card} codes and text "
+                         f"width {lm_cfg.text_dim}; codec/T5 give {got[0]} x {got[1]} and {got[2]}")
 
 
 def load_state_checked(model, sd, source):
     """model.load_state_dict(sd) with a readable mismatch report."""
-    _check_state(model.state_dict(), sd, source, model.cfg)
+    data.check_state_dict(model.state_dict(), sd, source, f"the LM config {model.cfg}")
     model.load_state_dict(sd)
     return model
 
@@ -378,7 +385,7 @@ def lm_from_state_dict(cfg, sd, source):
     """AudioLM(cfg) holding `sd`, built without the (slow, overwritten) random init: meta device, then load."""
     with torch.device("meta"):
         model = AudioLM(cfg)
-    _check_state(model.state_dict(), sd, source, cfg)
+    data.check_state_dict(model.state_dict(), sd, source, f"the LM config {cfg}")
     model = model.to_empty(device="cpu")
     model.load_state_dict(sd)
     model.pos_emb.copy_(sin_embedding(*model.pos_emb.shape))
@@ -386,25 +393,14 @@ def lm_from_state_dict(cfg, sd, source):
 
 
 def load_musicgen(path, device="cpu"):
-    """AudioLM from a released audiocraft `state_dict.bin` ({'best_state': sd, 'xp.cfg': cfg, ...}).
-    audiocraft's export writes xp.cfg as YAML text (OmegaConf.to_yaml), so weights_only loading needs no extra
-    types; a plain dict cfg (our tests) works too. Sizes come from the weights, heads from the cfg."""
-    import os
-    import pickle
-    import yaml
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MusicGen LM checkpoint not found: {path} (expected audiocraft's state_dict.bin)")
-    try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: not loadable with weights_only=True ({str(e).splitlines()[-1][:300]}); "
-                         "expected an exported audiocraft state_dict.bin") from None
+    """AudioLM from a released audiocraft `state_dict.bin` ({'best_state': sd, 'xp.cfg': cfg, ...}; PAPER.md
+    "audiocraft: released checkpoints"). Sizes come from the weights, heads from the cfg."""
+    pkg = data.torch_load(path, "MusicGen LM checkpoint (audiocraft's state_dict.bin)")
     if not isinstance(pkg, dict) or "best_state" not in pkg:
         raise ValueError(f"{path}: expected a dict with 'best_state' (an audiocraft state_dict.bin)")
     sd = pkg["best_state"]
     sd = sd["model"] if "model" in sd and isinstance(sd["model"], dict) else sd
-    xp = pkg.get("xp.cfg") or {}
-    xp = yaml.safe_load(xp) if isinstance(xp, str) else dict(xp)
+    xp = data.xp_config(pkg["xp.cfg"], path) if pkg.get("xp.cfg") else {}
     tl = xp.get("transformer_lm") or {}
     pattern = xp.get("codebooks_pattern") or {}
     if pattern.get("modeling", "delay") != "delay":
@@ -422,7 +418,7 @@ def load_musicgen(path, device="cpu"):
     delays = (pattern.get("delay") or {}).get("delays", list(range(K)))
     if list(delays) != list(range(K)):
         raise ValueError(f"{path}: delays {delays} unsupported; only the standard delays 0..K-1")
-    seg = (xp.get("dataset") or {}).get("segment_duration")  # released codecs all run at 50 Hz (PAPER.md §1)
+    seg = (xp.get("dataset") or {}).get("segment_duration")  # released codecs run at 50 Hz (PAPER.md §3.1)
     cfg = lm_config(dict(
         dim=dim, num_layers=num_layers, num_codebooks=K, card=card, text_dim=sd["text_proj.weight"].shape[1],
         num_heads=int(tl.get("num_heads") or dim // 64),  # released MusicGen heads are 64 wide

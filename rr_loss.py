@@ -1,4 +1,4 @@
-"""Representation regularization (RR), PAPER.md §2 (the paper's §3.2), Eq. 3-5. Only torch.
+"""Representation regularization (RR), PAPER.md §3.2, Eq. 3-5. Only torch.
 
     text       v_b[1..Tt]  (B, Tt, Dt)  frozen T5 output of sample b's caption (still encoded on a CFG step)
     text_mask              (B, Tt) bool True = real token

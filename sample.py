@@ -5,17 +5,22 @@
 
 One wav per prompt in --out (default RUN/samples, or ./samples with --musicgen). DIR holds audiocraft's
 released `state_dict.bin` (LM) and `compression_state_dict.bin` (EnCodec); T5DIR a local HF T5 directory
-(t5-base for MusicGen, PAPER.md §5).
+(t5-base for MusicGen, PAPER.md "audiocraft: T5 conditioner").
 """
 import argparse
 import math
 import os
-import pickle
 import re
 
+import soundfile as sf
 import torch
 
-import lm as LM
+import codec as codec_lib
+import data
+import lm as lm_lib
+import text_encoder
+
+LM_PT = "LM checkpoint (lm.pt of a train.py run)"
 
 
 def _need_file(path, what):
@@ -24,12 +29,9 @@ def _need_file(path, what):
     return path
 
 
-def _load(path, what):
-    """torch.load (weights only, memory-mapped: cheap even for big checkpoints) with a clear error."""
-    try:
-        return torch.load(_need_file(path, what), map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: cannot read {what} ({str(e).splitlines()[0][:200]})") from None
+def _load_lm_pt(path):
+    """A run's lm.pt, memory-mapped: cheap even for a big checkpoint."""
+    return data.torch_load(path, LM_PT, mmap=True)
 
 
 def lm_from_checkpoint(ckpt, source, device="cpu", use_ema=True):
@@ -37,28 +39,19 @@ def lm_from_checkpoint(ckpt, source, device="cpu", use_ema=True):
     if not isinstance(ckpt, dict) or "lm_config" not in ckpt or "lm" not in ckpt:
         raise ValueError(f"{source}: expected a train.py lm.pt with 'lm_config' and 'lm' entries")
     try:
-        cfg = LM.lm_config(ckpt["lm_config"])
+        cfg = lm_lib.lm_config(ckpt["lm_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: bad lm_config {ckpt['lm_config']}: {e}") from None
     which = "lm_ema" if use_ema and ckpt.get("lm_ema") else "lm"
-    lm = LM.lm_from_state_dict(cfg, ckpt[which], f"{source} [{which}]")
+    lm = lm_lib.lm_from_state_dict(cfg, ckpt[which], f"{source} [{which}]")
     return lm.to(device).eval()
 
 
-def check_compatible(codec, text_encoder, lm_cfg, source):
-    """The LM (its LMConfig) must model the codec's tokens and read the text encoder's width."""
-    c = lm_cfg
-    got = (codec.num_codebooks, codec.cardinality, text_encoder.dim)
-    if got != (c.num_codebooks, c.card, c.text_dim):
-        raise ValueError(f"{source}: LM expects {c.num_codebooks} codebooks x {c.card} codes and text width "
-                         f"{c.text_dim}; codec/T5 give {got[0]} x {got[1]} and {got[2]}")
-
-
 def load_run(path, device="cpu", use_ema=True):
-    """(codec, text_encoder, lm) of a train.py run directory or its lm.pt; codec / T5 paths in lm.pt are
-    relative to the run directory (SPEC.md)."""
+    """(codec, t5, lm) of a train.py run directory or its lm.pt; codec / T5 paths in lm.pt are relative to the
+    run directory when they lie inside it (train.run_relative), so a run directory can be moved."""
     lm_pt = os.path.join(path, "lm.pt") if os.path.isdir(path) else path
-    ckpt = _load(lm_pt, "LM checkpoint (lm.pt of a train.py run)")
+    ckpt = _load_lm_pt(lm_pt)
     run_dir = os.path.dirname(os.path.abspath(lm_pt))
     paths = {}
     for key in ("codec", "t5"):
@@ -66,25 +59,21 @@ def load_run(path, device="cpu", use_ema=True):
             raise ValueError(f"{lm_pt}: missing the '{key}' path entry")
         paths[key] = _need_file(os.path.join(run_dir, ckpt[key]), f"{key} of {lm_pt}")
     lm = lm_from_checkpoint(ckpt, lm_pt, device, use_ema)  # state-dict mismatches surface before heavy loads
-    import codec as codec_lib
-    import text_encoder
     codec = codec_lib.load_codec(paths["codec"], device=device)
     t5 = text_encoder.load_t5(paths["t5"], device=device)
-    check_compatible(codec, t5, lm.cfg, lm_pt)
+    lm_lib.check_compatible(codec, t5, lm.cfg, lm_pt)
     return codec, t5, lm
 
 
 def load_musicgen_dir(directory, t5_dir, device="cpu"):
-    """(codec, text_encoder, lm) from released MusicGen files and a local T5 directory."""
+    """(codec, t5, lm) from released MusicGen files and a local T5 directory."""
     lm_path = _need_file(os.path.join(directory, "state_dict.bin"), "MusicGen LM weights")
     codec_path = _need_file(os.path.join(directory, "compression_state_dict.bin"), "MusicGen EnCodec weights")
     _need_file(t5_dir, "T5 directory")
-    lm = LM.load_musicgen(lm_path, device)
-    import codec as codec_lib
-    import text_encoder
+    lm = lm_lib.load_musicgen(lm_path, device)
     codec = codec_lib.load_audiocraft(codec_path).to(device).eval()
     t5 = text_encoder.load_t5(t5_dir, device=device)
-    check_compatible(codec, t5, lm.cfg, lm_path)
+    lm_lib.check_compatible(codec, t5, lm.cfg, lm_path)
     return codec, t5, lm
 
 
@@ -99,10 +88,10 @@ def num_frames_for(duration, frame_rate, max_frames):
     return n
 
 
-def generate_audio(codec, text_encoder, lm, prompts, duration, cfg_coef=3.0, top_k=250, top_p=0.0,
+def generate_audio(codec, t5, lm, prompts, duration, cfg_coef=3.0, top_k=250, top_p=0.0,
                    temperature=1.0, seed=None, generator=None, progress=True):
     """list of B captions -> wav (B, 1, N) on the codec's device, N = duration * sample_rate.
-    Defaults: CFG 3.0, top-k 250, temperature 1.0 (PAPER.md §4.2, §5)."""
+    Defaults: CFG 3.0, top-k 250, temperature 1.0 (PAPER.md §4.2; PAPER.md "audiocraft: sampling")."""
     if not prompts:
         raise ValueError("no prompts given")
     T = num_frames_for(duration, codec.frame_rate, lm.cfg.max_frames)
@@ -110,8 +99,8 @@ def generate_audio(codec, text_encoder, lm, prompts, duration, cfg_coef=3.0, top
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     with torch.no_grad():
-        text, mask = text_encoder.encode(list(prompts))  # (B, Tt, Dt), (B, Tt)
-    codes = LM.generate(lm, text, mask, T, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
+        text, mask = t5.encode(list(prompts))  # (B, Tt, Dt), (B, Tt)
+    codes = lm_lib.generate(lm, text, mask, T, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, progress=progress)  # (B, K, T)
     with torch.no_grad():
         wav = codec.decode(codes.clone().to(next(codec.parameters()).device))  # (B, 1, N')
@@ -125,7 +114,7 @@ def _slug(text):
 def _default_duration(args):
     if args.ckpt:  # the run's training segment length, if train.py recorded one
         lm_pt = os.path.join(args.ckpt, "lm.pt") if os.path.isdir(args.ckpt) else args.ckpt
-        ckpt = _load(lm_pt, "LM checkpoint (lm.pt of a train.py run)")
+        ckpt = _load_lm_pt(lm_pt)
         tc = (ckpt.get("train_config") if isinstance(ckpt, dict) else None) or {}
         for key in ("segment_seconds", "segment_duration", "duration"):
             if isinstance(tc.get(key), (int, float)) and tc[key] > 0:
@@ -182,7 +171,6 @@ def main(argv=None):
         num_frames_for(duration, codec.frame_rate, lm.cfg.max_frames)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    import soundfile as sf
     out = args.out or (os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
                        if args.ckpt else "samples")
     os.makedirs(out, exist_ok=True)

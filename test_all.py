@@ -2,13 +2,14 @@
 
 Run: python -m pytest -q test_all.py
 """
-from dataclasses import asdict
-from dataclasses import replace
+import dataclasses
+from dataclasses import asdict, replace
 import gzip
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,20 +22,24 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 import yaml
-import codec
+import transformers
+import transformers.models.t5.modeling_t5
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
 import codec as codec_lib
 import data
 import evaluate
-import lm as LM
+import lm as lm_lib
 import rr_loss
 import sample
 import text_encoder
-import text_encoder as TE
 import train
 
 
 # ==================================================================================================
-# data.py: toy set and manifests (issue 2)
+# data.py: toy set and manifests
 # ==================================================================================================
 
 # Tests of data.py: the toy set (determinism, splits, clip properties, band-limiting), the manifest
@@ -319,13 +324,73 @@ def test_atomic_writes(tmp_path):
     data.atomic_save({"w": torch.arange(3)}, p)
     data.atomic_save({"w": torch.arange(4)}, p)  # replaces
     assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(4))
+    data.atomic_save({"w": torch.arange(4)}, p + ".again")  # the same object gives the same bytes
+    assert open(p, "rb").read() == open(p + ".again", "rb").read()
     t = str(tmp_path / "x" / "a.txt")
-    data.atomic_write_text(t, "hello\n")
+    data.atomic_write(t, "hello\n")
     assert open(t).read() == "hello\n" and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_atomic_write_that_fails_keeps_the_old_file(tmp_path):
+    p = str(tmp_path / "ckpt.pt")
+    data.atomic_save({"w": torch.arange(3)}, p)
+
+    def half_then_crash(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        data.atomic_write(p, half_then_crash)
+    assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_torch_load_names_the_file_and_refuses_pickled_code(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt: no such LM checkpoint"):
+        data.torch_load(str(tmp_path / "nope.pt"), "LM checkpoint")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="garbage.pt: not a codec checkpoint that torch.load"):
+        data.torch_load(str(garbage), "codec checkpoint")
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"x": _Evil(str(tmp_path / "pwned"))}, evil)
+    with pytest.raises(ValueError, match="evil.pt: not a codec checkpoint"):
+        data.torch_load(evil, "codec checkpoint")
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    """Unpickling it would create a directory: the proof that pickled code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_check_state_dict_names_every_problem():
+    want = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}
+    data.check_state_dict(want, dict(want), "ok.pt", "the model")  # no error
+    got = {"a": torch.zeros(2), "b": torch.zeros(4), "extra": torch.zeros(1)}
+    with pytest.raises(ValueError) as e:
+        data.check_state_dict(want, got, "x.pt", "the model")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("x.pt: weights do not fit the model: ")
+    assert "missing keys (1): ['c']" in msg and "unexpected keys (1): ['extra']" in msg
+    assert "shape mismatches (1): ['b: file (4,) vs model (3,)']" in msg
+
+
+def test_xp_config_reads_yaml_and_dicts():
+    cfg = {"sample_rate": 16000, "seanet": {"ratios": [8, 5, 4, 2]}}
+    assert data.xp_config(yaml.safe_dump(cfg), "x.bin") == cfg
+    assert data.xp_config(cfg, "x.bin") == cfg
+    with pytest.raises(ValueError, match="x.bin: 'xp.cfg' is a list, expected a config mapping"):
+        data.xp_config([1, 2], "x.bin")
+
+
 # ==================================================================================================
-# codec.py: EnCodec + RVQ (issue 2)
+# codec.py: EnCodec + RVQ
 # ==================================================================================================
 
 @pytest.fixture
@@ -336,13 +401,13 @@ def codec_one_thread():  # tiny models: one torch thread is many times faster on
     torch.set_num_threads(n)
 
 
-TINY = codec.CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2), n_filters=4, dimension=16, bins=32, lstm=1)
+TINY = codec_lib.CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2), n_filters=4, dimension=16, bins=32, lstm=1)
 
 
 # ------------------------------------------------------------------------ transformers -> audiocraft -> load
 def _hf_to_audiocraft(hf):
     """transformers' EncodecModel state dict -> audiocraft's key names (the inverse of the renaming in
-    transformers' convert_encodec_checkpoint_to_pytorch.py / audiocraft's load_from_pretrained)."""
+    transformers' convert_encodec_checkpoint_to_pytorch / audiocraft's load_from_pretrained)."""
     sd = {}
     for k, v in hf.state_dict().items():
         k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
@@ -377,10 +442,9 @@ def _xp_cfg(sr, ratios, n_filters, dim, bins):  # the fields of an audiocraft co
 @pytest.mark.usefixtures("codec_one_thread")
 @pytest.mark.parametrize("sr,ratios,cfg_as", [(32000, (8, 5, 4, 4), "yaml"), (16000, (8, 5, 4, 2), "dict")])
 def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
-    from transformers import EncodecConfig, EncodecModel
     n_filters, dim, bins = 4, 16, 64
     bw = 4 * math.log2(bins) * sr / math.prod(ratios) / 1000  # the bandwidth at which transformers uses 4 codebooks
-    hf = EncodecModel(EncodecConfig(
+    hf = transformers.EncodecModel(transformers.EncodecConfig(
         sampling_rate=sr, upsampling_ratios=list(ratios), num_filters=n_filters, hidden_size=dim, codebook_size=bins,
         target_bandwidths=[bw], use_causal_conv=False, pad_mode="constant", use_conv_shortcut=False,
         norm_type="weight_norm", normalize=False, num_lstm_layers=2)).eval()
@@ -395,10 +459,10 @@ def test_matches_transformers_encodec(tmp_path, sr, ratios, cfg_as):
     path = str(tmp_path / "compression_state_dict.bin")
     torch.save({"best_state": _hf_to_audiocraft(hf), "xp.cfg": yaml.safe_dump(xp) if cfg_as == "yaml" else xp,
                 "version": "1.0.0", "exported": True}, path)
-    model = codec.load_audiocraft(path)
+    model = codec_lib.load_audiocraft(path)
     assert (model.sample_rate, model.hop_length, model.frame_rate, model.num_codebooks, model.cardinality) == \
            (sr, math.prod(ratios), 50.0, 4, bins)
-    assert isinstance(codec.load_codec(path), codec.EncodecModel)  # load_codec dispatches on 'xp.cfg'
+    assert isinstance(codec_lib.load_codec(path), codec_lib.EncodecModel)  # load_codec dispatches on 'xp.cfg'
     x = torch.randn(2, 1, sr // 2 + 77, generator=g) * 0.3
     with torch.no_grad():
         ref_codes = hf.encode(x, bandwidth=bw).audio_codes[0]  # (B, K, T)
@@ -441,26 +505,26 @@ def test_load_audiocraft_refuses_unsupported_and_bad_files(tmp_path):
     bad = str(tmp_path / "causal.bin")
     torch.save({"best_state": {}, "xp.cfg": yaml.safe_dump(xp)}, bad)
     with pytest.raises(ValueError, match="encodec.causal"):
-        codec.load_audiocraft(bad)
+        codec_lib.load_audiocraft(bad)
     ref = str(tmp_path / "ref.bin")
     torch.save({"pretrained": "facebook/encodec_32khz", "exported": True}, ref)
     with pytest.raises(ValueError, match="no weights"):
-        codec.load_codec(ref)
+        codec_lib.load_codec(ref)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        codec.load_codec(str(tmp_path / "missing.pt"))
+        codec_lib.load_codec(str(tmp_path / "missing.pt"))
     junk = str(tmp_path / "junk.pt")
     torch.save({"step": 3}, junk)
     with pytest.raises(ValueError, match="expected a codec.py checkpoint"):
-        codec.load_codec(junk)
+        codec_lib.load_codec(junk)
     wrong = str(tmp_path / "wrong.pt")  # weights of another config: the mismatch is named
-    torch.save({"config": codec.asdict(TINY), "model": codec.EncodecModel(replace(TINY, bins=16)).state_dict()}, wrong)
-    with pytest.raises(ValueError, match="wrong shape"):
-        codec.load_codec(wrong)
+    torch.save({"config": codec_lib.asdict(TINY), "model": codec_lib.EncodecModel(replace(TINY, bins=16)).state_dict()}, wrong)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        codec_lib.load_codec(wrong)
 
 
 # ------------------------------------------------------------------------ RVQ rules
 def _codebook(embed, cluster_size, threshold=0.0, decay=0.99):
-    cb = codec.Codebook(codec.CodecConfig(dimension=embed.shape[1], bins=embed.shape[0], decay=decay,
+    cb = codec_lib.Codebook(codec_lib.CodecConfig(dimension=embed.shape[1], bins=embed.shape[0], decay=decay,
                                           threshold_ema_dead_code=threshold))
     cb.embed.copy_(embed)
     cb.cluster_size.copy_(cluster_size)
@@ -470,8 +534,8 @@ def _codebook(embed, cluster_size, threshold=0.0, decay=0.99):
 
 
 def test_rvq_codes_round_trip():
-    cfg = codec.CodecConfig(dimension=8, bins=16, n_q=3)
-    rvq = codec.RVQ(cfg).eval()
+    cfg = codec_lib.CodecConfig(dimension=8, bins=16, n_q=3)
+    rvq = codec_lib.RVQ(cfg).eval()
     g = torch.Generator().manual_seed(0)
     for k, layer in enumerate(rvq.vq["layers"]):  # each stage 10x finer than the last: greedy RVQ is exact
         layer._codebook.embed.copy_(torch.randn(16, 8, generator=g) * 10.0 ** -k)
@@ -487,7 +551,7 @@ def test_rvq_codes_round_trip():
 def test_ema_update_matches_hand_computation():
     cb = _codebook(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), torch.tensor([5.0, 5.0, 5.0]))
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0]])
-    idx = codec.nearest(x, cb.embed)
+    idx = codec_lib.nearest(x, cb.embed)
     assert idx.tolist() == [0, 0, 1]
     cb.update(x, idx)
     # cluster_size = 0.99 * 5 + 0.01 * count; embed_avg = 0.99 * 5 * embed + 0.01 * sum of assigned x
@@ -503,7 +567,7 @@ def test_dead_code_replacement():
     cb = _codebook(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]), torch.tensor([5.0, 2.0, 5.0]),
                    threshold=2.0)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 9.0]])  # nothing near code 1
-    cb.update(x, codec.nearest(x, cb.embed))
+    cb.update(x, codec_lib.nearest(x, cb.embed))
     # code 1: 0.99 * 2 + 0 = 1.98 < 2 -> dead: re-seeded on a vector of this batch, EMA stats to match
     assert (cb.embed[1] - x).abs().sum(1).min() == 0
     assert cb.cluster_size[1] == 2.0
@@ -515,7 +579,7 @@ def test_dead_code_replacement():
 
 def test_kmeans_init_on_first_training_batch():
     torch.manual_seed(0)
-    layer = codec.VQLayer(codec.CodecConfig(dimension=2, bins=4, threshold_ema_dead_code=0))
+    layer = codec_lib.VQLayer(codec_lib.CodecConfig(dimension=2, bins=4, threshold_ema_dead_code=0))
     centers = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
     flat = centers.repeat(25, 1) + 0.1 * torch.randn(100, 2)
     assert layer._codebook.inited.item() == 0
@@ -523,7 +587,7 @@ def test_kmeans_init_on_first_training_batch():
     cb = layer._codebook
     assert cb.inited.item() == 1
     # k-means converged: each code is the mean of the vectors nearest to it, and its count is theirs
-    idx = codec.nearest(flat, cb.embed)
+    idx = codec_lib.nearest(flat, cb.embed)
     counts = torch.bincount(idx, minlength=4).float()
     assert counts.sum() == 100 and (counts > 0).all()
     torch.testing.assert_close(cb.cluster_size, counts)  # 0.99 * count + 0.01 * count
@@ -534,7 +598,7 @@ def test_kmeans_init_on_first_training_batch():
 @pytest.mark.usefixtures("codec_one_thread")
 def test_commitment_and_straight_through_gradients():
     torch.manual_seed(0)
-    rvq = codec.RVQ(codec.CodecConfig(dimension=4, bins=8, n_q=2, threshold_ema_dead_code=0)).train()
+    rvq = codec_lib.RVQ(codec_lib.CodecConfig(dimension=4, bins=8, n_q=2, threshold_ema_dead_code=0)).train()
     z = torch.randn(2, 4, 10)
     rvq(z)  # k-means init
     embeds = [l._codebook.embed.clone() for l in rvq.vq["layers"]]
@@ -548,7 +612,7 @@ def test_commitment_and_straight_through_gradients():
     assert all(not l._codebook.embed.requires_grad for l in rvq.vq["layers"])  # codebooks: EMA only
     (g,) = torch.autograd.grad(out.sum(), z)
     torch.testing.assert_close(g, torch.ones_like(z))  # straight-through: identity gradient
-    model = codec.EncodecModel(TINY).train()
+    model = codec_lib.EncodecModel(TINY).train()
     model(torch.randn(2, 1, 1600))  # k-means init (its codes are batch vectors: zero commitment there)
     _, _, commit = model(torch.randn(2, 1, 1600))
     commit.backward()
@@ -558,11 +622,11 @@ def test_commitment_and_straight_through_gradients():
 
 def test_si_snr():
     x = torch.randn(3, 1000)
-    assert (codec.si_snr(0.5 * x, x) > 60).all()  # scale-invariant
+    assert (codec_lib.si_snr(0.5 * x, x) > 60).all()  # scale-invariant
     noise = torch.randn(3, 1000)
     noise = noise - noise.mean(-1, keepdim=True)
     y = x + noise * (x - x.mean(-1, keepdim=True)).norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True) / 10
-    assert ((codec.si_snr(y, x) - 20).abs() < 1.0).all()  # noise at 1/10 of the amplitude: ~20 dB
+    assert ((codec_lib.si_snr(y, x) - 20).abs() < 1.0).all()  # noise at 1/10 of the amplitude: ~20 dB
 
 
 # ------------------------------------------------------------------------ training
@@ -574,27 +638,27 @@ def toy_manifests(tmp_path_factory):
 
 @pytest.mark.usefixtures("codec_one_thread")
 def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, monkeypatch):
-    monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
+    monkeypatch.setitem(codec_lib.CODEC_PRESETS, "toy", TINY)
     kw = dict(valid=toy_manifests["valid"], preset="toy", batch_size=4, segment_seconds=0.5, progress=False)
     ds = data.AudioTextDataset(toy_manifests["valid"], 16000, None, random_crop=False)
-    msspec = codec.MultiScaleMelLoss(16000)
-    first = codec.validate(codec.EncodecModel(TINY).train(), ds, msspec)
-    full = codec.train_codec(toy_manifests["train"], str(tmp_path / "a"), steps=12, save_every=100, **kw)
-    trained = codec.load_codec(full)
-    after = codec.validate(trained, ds, msspec)
+    msspec = codec_lib.MultiScaleMelLoss(16000)
+    first = codec_lib.validate(codec_lib.EncodecModel(TINY).train(), ds, msspec)
+    full = codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "a"), steps=12, save_every=100, **kw)
+    trained = codec_lib.load_codec(full)
+    after = codec_lib.validate(trained, ds, msspec)
     assert after["msspec"] < first["msspec"] and after["l1"] < first["l1"]
     # an interrupted run resumed from codec_state.pt ends with the same weights as the uninterrupted one
-    codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=7, save_every=100, **kw)
-    resumed = codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)
+    codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=7, save_every=100, **kw)
+    resumed = codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)
     mtime = os.path.getmtime(resumed)
-    codec.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)  # finished: no-op
+    codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)  # finished: no-op
     assert os.path.getmtime(resumed) == mtime
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
     out = tmp_path / "eval.json"
-    codec.main(["eval", "--ckpt", full, "--manifest", toy_manifests["test"], "--json", str(out), "--device", "cpu"])
+    codec_lib.main(["eval", "--ckpt", full, "--manifest", toy_manifests["test"], "--json", str(out), "--device", "cpu"])
     res = json.loads(out.read_text())
     assert res["n_items"] == 8 and math.isfinite(res["si_snr_db"]) and res["mel_distance"] > 0
     assert len(res["perplexity"]) == 4 and all(1.0 <= p <= TINY.bins for p in res["perplexity"])
@@ -602,8 +666,8 @@ def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, mon
 
 @pytest.mark.usefixtures("codec_one_thread")
 def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monkeypatch):
-    monkeypatch.setitem(codec.CODEC_PRESETS, "toy", TINY)
-    path = codec.train_codec(toy_manifests["train"], str(tmp_path), preset="toy", steps=2, batch_size=2,
+    monkeypatch.setitem(codec_lib.CODEC_PRESETS, "toy", TINY)
+    path = codec_lib.train_codec(toy_manifests["train"], str(tmp_path), preset="toy", steps=2, batch_size=2,
                              segment_seconds=0.25, adversarial=True, progress=False)
     st = torch.load(os.path.join(os.path.dirname(path), "codec_state.pt"), weights_only=True)
     assert st["run"]["adversarial"] and set(st["balancer"]["total"]) == {"l1", "msspec", "adv", "feat"}
@@ -612,17 +676,18 @@ def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monk
 
 def test_cli_errors(toy_manifests, tmp_path):
     with pytest.raises(SystemExit, match="no such codec checkpoint"):
-        codec.main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--manifest", toy_manifests["test"]])
+        codec_lib.main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--manifest", toy_manifests["test"]])
     with pytest.raises(SystemExit, match="--steps must be positive"):
-        codec.main(["train", "--manifest", toy_manifests["train"], "--out", str(tmp_path), "--steps", "0"])
+        codec_lib.main(["train", "--manifest", toy_manifests["train"], "--out", str(tmp_path), "--steps", "0"])
 
 
 def test_presets_and_audiocraft_key_names():
     for name, sr, hop, bins in [("musicgen-32khz", 32000, 640, 2048), ("audiogen-16khz", 16000, 320, 2048),
                                 ("toy", 16000, 320, 256)]:
-        c = codec.CODEC_PRESETS[name]
+        c = codec_lib.CODEC_PRESETS[name]
         assert (c.sample_rate, math.prod(c.ratios), c.n_q, c.bins) == (sr, hop, 4, bins)
-    keys = codec.EncodecModel(codec.CODEC_PRESETS["musicgen-32khz"]).state_dict().keys()  # PAPER.md §5's names
+    keys = codec_lib.EncodecModel(codec_lib.CODEC_PRESETS["musicgen-32khz"]).state_dict().keys()
+    # the names of PAPER.md "audiocraft: released checkpoints"
     for k in ["encoder.model.0.conv.conv.weight_g", "encoder.model.0.conv.conv.weight_v",
               "encoder.model.0.conv.conv.bias", "encoder.model.1.block.1.conv.conv.weight_v",
               "encoder.model.13.lstm.weight_ih_l1", "encoder.model.15.conv.conv.weight_g",
@@ -635,10 +700,10 @@ def test_presets_and_audiocraft_key_names():
 
 
 # ==================================================================================================
-# text_encoder.py: T5 (issue 3)
+# text_encoder.py: T5
 # ==================================================================================================
 
-# Tests of text_encoder.py (merged into test_all.py by the coordinator).
+# Tests of text_encoder.py: equality with transformers' T5 encoder and tokenizer, loading, the toy T5.
 
 
 
@@ -653,20 +718,19 @@ _T5_TEXT = ["A dog barks twice, then a car passes by at 50 km/h.", "Rain falls o
 @pytest.fixture(scope="module")
 def t5_toy_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("t5toy"))
-    TE.make_toy_t5(d, _T5_CAPTIONS + _T5_TEXT, seed=0)
+    text_encoder.make_toy_t5(d, _T5_CAPTIONS + _T5_TEXT, seed=0)
     return d
 
 
 def _t5_hf_dir(tmp_path, toy_dir, name, ff, full_model=False, bin_file=False, seed=0):
     """A random small transformers T5 (encoder, or the whole encoder-decoder) written with the toy spiece.model."""
-    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
-    n_pieces = len(TE.T5Tokenizer(os.path.join(toy_dir, "spiece.model")))
+    n_pieces = len(text_encoder.T5Tokenizer(os.path.join(toy_dir, "spiece.model")))
     # num_heads * d_kv != d_model and few buckets / a short max_distance so every bucketing branch is used.
-    cfg = T5Config(vocab_size=n_pieces + 100, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_decoder_layers=1,
+    cfg = transformers.T5Config(vocab_size=n_pieces + 100, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_decoder_layers=1,
                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                    feed_forward_proj=ff)
     torch.manual_seed(seed)
-    hf = (T5ForConditionalGeneration if full_model else T5EncoderModel)(cfg).eval()
+    hf = (transformers.T5ForConditionalGeneration if full_model else transformers.T5EncoderModel)(cfg).eval()
     with torch.no_grad():  # the init has norms at 1 and a weak position bias: make both matter
         for n, p in hf.named_parameters():
             if "layer_norm" in n:
@@ -691,34 +755,33 @@ def _t5_check_equal(hf, t5, captions):
     ref = hf.get_encoder()(input_ids=ids, attention_mask=tok_mask.long()).last_hidden_state
     assert emb.shape == ref.shape and emb.shape[-1] == t5.dim
     torch.testing.assert_close(emb[mask], ref[mask], atol=1e-5, rtol=1e-5)
-    assert (emb[~mask] == 0).all()  # padded positions exactly zero (PAPER.md §5)
+    assert (emb[~mask] == 0).all()  # padded positions exactly zero (PAPER.md "audiocraft: T5 conditioner")
     assert ref[mask].std() > 0.1  # not a degenerate output
 
 
 def test_t5_relative_position_bucket_matches_transformers():
-    from transformers.models.t5.modeling_t5 import T5Attention
     rel = torch.arange(-300, 301)[None, :]
     for nb, md in ((32, 128), (8, 20)):
-        want = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=nb, max_distance=md)
-        assert torch.equal(TE.relative_position_bucket(rel, nb, md), want)
+        want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=nb, max_distance=md)
+        assert torch.equal(text_encoder.relative_position_bucket(rel, nb, md), want)
 
 
 def test_t5_v1_0_full_checkpoint_matches_transformers(tmp_path, t5_toy_dir):
     # A whole encoder-decoder checkpoint (as t5-base is): decoder.* / lm_head must be skipped.
     hf, d = _t5_hf_dir(tmp_path, t5_toy_dir, "v10", "relu", full_model=True)
-    _t5_check_equal(hf, TE.load_t5(d), _T5_TEXT[:3] + ["noise", "three high-pitched beeps " * 6])
+    _t5_check_equal(hf, text_encoder.load_t5(d), _T5_TEXT[:3] + ["noise", "three high-pitched beeps " * 6])
     # Sharded (model.safetensors.index.json, as flan-t5-xl): the same weights.
     hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
     shutil.copy(os.path.join(d, "spiece.model"), str(tmp_path / "sharded"))
     assert os.path.exists(str(tmp_path / "sharded" / "model.safetensors.index.json"))
-    a, b = TE.load_t5(d).state_dict(), TE.load_t5(str(tmp_path / "sharded")).state_dict()
+    a, b = text_encoder.load_t5(d).state_dict(), text_encoder.load_t5(str(tmp_path / "sharded")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_t5_v1_1_gated_gelu_bin_matches_transformers(tmp_path, t5_toy_dir):
     hf, d = _t5_hf_dir(tmp_path, t5_toy_dir, "v11", "gated-gelu", bin_file=True, seed=1)
     assert json.load(open(os.path.join(d, "config.json")))["dense_act_fn"] == "gelu_new"  # tanh GELU
-    t5 = TE.load_t5(d)
+    t5 = text_encoder.load_t5(d)
     assert t5.cfg.is_gated_act and t5.cfg.dense_act_fn == "gelu_new"
     _t5_check_equal(hf, t5, ["two high-pitched beeps", "", "A dog barks twice, then a car passes by at 50 km/h."])
 
@@ -728,11 +791,10 @@ def test_t5_tokenizer_matches_transformers(t5_toy_dir):
         import google.protobuf  # noqa: F401
     except ImportError:
         pytest.fail("protobuf missing: transformers needs it to read spiece.model (requirements-dev.txt)")
-    from transformers import T5Tokenizer
-    hf = T5Tokenizer.from_pretrained(t5_toy_dir)
+    hf = transformers.T5Tokenizer.from_pretrained(t5_toy_dir)
     texts = sorted(set(_T5_TEXT)) + ["", "   ", "ONE LOW TONE", "x" * 40, "unseen ∑ symbols ♪♪", "two  high\nbeeps "]
     for max_length in (2, 7, 512):
-        tok = TE.T5Tokenizer(os.path.join(t5_toy_dir, "spiece.model"), max_length=max_length)
+        tok = text_encoder.T5Tokenizer(os.path.join(t5_toy_dir, "spiece.model"), max_length=max_length)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ids, mask = tok(texts)
@@ -743,13 +805,12 @@ def test_t5_tokenizer_matches_transformers(t5_toy_dir):
 
 
 def test_t5_toy_round_trip_deterministic_and_loads_in_transformers(tmp_path, t5_toy_dir):
-    from transformers import T5EncoderModel
     shuffled = _T5_CAPTIONS + _T5_TEXT
     random.Random(3).shuffle(shuffled)
-    TE.make_toy_t5(str(tmp_path / "again"), shuffled, seed=0)  # caption order must not matter
+    text_encoder.make_toy_t5(str(tmp_path / "again"), shuffled, seed=0)  # caption order must not matter
     for name in ("config.json", "model.safetensors", "spiece.model"):
         assert open(os.path.join(t5_toy_dir, name), "rb").read() == open(str(tmp_path / "again" / name), "rb").read()
-    a, b = TE.load_t5(t5_toy_dir), TE.load_t5(str(tmp_path / "again"))
+    a, b = text_encoder.load_t5(t5_toy_dir), text_encoder.load_t5(str(tmp_path / "again"))
     caps = ["three high-pitched beeps", "one low sine tone", "noise bursts"]
     ea, ma = a.encode(caps)
     eb, mb = b.encode(caps)
@@ -758,10 +819,10 @@ def test_t5_toy_round_trip_deterministic_and_loads_in_transformers(tmp_path, t5_
     assert len(a.tokenizer([caps[0]])[0][0]) <= 8  # word-level pieces, not single letters
     pooled = torch.nn.functional.normalize(ea.masked_fill(~ma[..., None], -1e9).max(1).values, dim=-1)
     assert (pooled @ pooled.T - torch.eye(3)).max() < 0.99  # different captions, different embeddings
-    TE.make_toy_t5(str(tmp_path / "seed1"), shuffled, seed=1)  # another seed: same tokenizer, other weights
-    s1 = TE.load_t5(str(tmp_path / "seed1"))
+    text_encoder.make_toy_t5(str(tmp_path / "seed1"), shuffled, seed=1)  # another seed: same tokenizer, other weights
+    s1 = text_encoder.load_t5(str(tmp_path / "seed1"))
     assert torch.equal(s1.tokenizer(caps)[0], a.tokenizer(caps)[0]) and not torch.equal(s1.shared.weight, a.shared.weight)
-    hf, info = T5EncoderModel.from_pretrained(t5_toy_dir, output_loading_info=True)
+    hf, info = transformers.T5EncoderModel.from_pretrained(t5_toy_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     _t5_check_equal(hf.eval(), a, caps)
 
@@ -772,7 +833,7 @@ def test_t5_bad_directories(tmp_path, t5_toy_dir):
         shutil.copytree(t5_toy_dir, d)
         os.remove(d / name)
         with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
-            TE.load_t5(str(d))
+            text_encoder.load_t5(str(d))
     d = tmp_path / "cfg"
     shutil.copytree(t5_toy_dir, d)
     cfg = json.load(open(d / "config.json"))
@@ -782,11 +843,11 @@ def test_t5_bad_directories(tmp_path, t5_toy_dir):
         bad = {k: v for k, v in {**cfg, **change}.items() if v is not None}
         json.dump(bad, open(d / "config.json", "w"))
         with pytest.raises(ValueError, match=match):
-            TE.load_t5(str(d))
+            text_encoder.load_t5(str(d))
 
 
 def test_t5_empty_caption_truncation_and_frozen(t5_toy_dir):
-    t5 = TE.load_t5(t5_toy_dir, max_length=6)
+    t5 = text_encoder.load_t5(t5_toy_dir, max_length=6)
     ids, mask = t5.tokenizer(["", "noise bursts"])
     assert ids[0].tolist()[: mask[0].sum()] == [1] and mask[0].sum() == 1  # empty caption -> eos only
     emb, m = t5.encode(["", "noise bursts", None])
@@ -805,25 +866,25 @@ def test_t5_empty_caption_truncation_and_frozen(t5_toy_dir):
     for bad in ("noise bursts", [], ["ok", 3]):
         with pytest.raises(ValueError, match="list of strings"):
             t5.encode(bad)
-    ft = TE.load_t5(t5_toy_dir, finetune=True)
+    ft = text_encoder.load_t5(t5_toy_dir, finetune=True)
     e, mk = ft.encode(["noise bursts"])
     e.sum().backward()
     assert ft.shared.weight.grad is not None and ft.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
 
 
 # ==================================================================================================
-# lm.py + sample.py: delay-pattern LM, CFG sampling (issue 4)
+# lm.py: delay-pattern LM, CFG sampling
 # ==================================================================================================
 
-# Tests of lm.py and sample.py (merged into test_all.py by the coordinator).
+# Tests of lm.py: equality with transformers' MusicGen decoder, the delay pattern, the loss, generation.
 
 
 
 
 def _lm_tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = LM.lm_config("toy", **{**dict(dim=32, num_layers=2, num_heads=2, card=16, text_dim=8, max_frames=64), **kw})
-    m = LM.AudioLM(cfg).eval()
+    cfg = lm_lib.lm_config("toy", **{**dict(dim=32, num_layers=2, num_heads=2, card=16, text_dim=8, max_frames=64), **kw})
+    m = lm_lib.AudioLM(cfg).eval()
     with torch.no_grad():  # larger weights than the init: peaky, input-dependent logits make the tests sharper
         for p in m.parameters():
             p.mul_(3.0)
@@ -861,10 +922,9 @@ def _lm_hf_to_audiocraft(hf_sd, num_layers):
 
 
 def test_matches_transformers_musicgen_decoder(tmp_path):
-    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
     torch.manual_seed(0)
     card, K, D, H, layers, Dt = 16, 4, 64, 4, 2, 24
-    hf = MusicgenForCausalLM(MusicgenDecoderConfig(
+    hf = transformers.MusicgenForCausalLM(transformers.MusicgenDecoderConfig(
         vocab_size=card, hidden_size=D, num_hidden_layers=layers, num_attention_heads=H, ffn_dim=4 * D,
         num_codebooks=K, max_position_embeddings=64, dropout=0.0, pad_token_id=card, bos_token_id=card)).eval()
     with torch.no_grad():  # random everything, norms included, so that every name mapping is exercised
@@ -877,7 +937,7 @@ def test_matches_transformers_musicgen_decoder(tmp_path):
     cfg = yaml.safe_dump({"transformer_lm": {"dim": D, "num_heads": H, "num_layers": layers, "n_q": K, "card": card},
                           "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [0, 1, 2, 3]}}})
     torch.save({"best_state": sd, "xp.cfg": cfg}, tmp_path / "state_dict.bin")  # xp.cfg as YAML, like exports
-    ours = LM.load_musicgen(str(tmp_path / "state_dict.bin"))
+    ours = lm_lib.load_musicgen(str(tmp_path / "state_dict.bin"))
     assert (ours.cfg.dim, ours.cfg.num_heads, ours.cfg.num_layers, ours.cfg.card) == (D, H, layers, card)
 
     B, Tt, S = 3, 6, 11
@@ -887,7 +947,7 @@ def test_matches_transformers_musicgen_decoder(tmp_path):
     mask[2, 1:] = False
     seq = torch.randint(0, card + 1, (B, K, S))  # HF's forward takes already-delayed ids: feed the same ones
     with torch.no_grad():
-        enc = proj(text) * mask[..., None]  # zero-padded, no encoder mask: audiocraft's cross-attention (§5)
+        enc = proj(text) * mask[..., None]  # zero-padded, no encoder mask (PAPER.md "audiocraft: cross-attention and padding")
         ref = hf(input_ids=seq.reshape(B * K, S), encoder_hidden_states=enc).logits.reshape(B, K, S, card)
         logits, hidden = ours(seq, text, mask)
     assert logits.shape == (B, K, S, card) and hidden.shape == (B, S, D)
@@ -901,25 +961,25 @@ def test_load_musicgen_plain_dict_cfg_and_mismatches(tmp_path):
                for k, v in m.state_dict().items() if k.startswith("text_proj")})
     path = str(tmp_path / "state_dict.bin")
     torch.save({"best_state": sd, "xp.cfg": {"transformer_lm": {"num_heads": 2}}}, path)
-    loaded = LM.load_musicgen(path)
+    loaded = lm_lib.load_musicgen(path)
     seq = torch.randint(0, 17, (2, 4, 6))
     text, mask = _lm_text()
     torch.testing.assert_close(loaded(seq, text, mask)[0], m(seq, text, mask)[0], atol=0, rtol=0)
     torch.save({"best_state": sd, "xp.cfg": {"transformer_lm": {"num_heads": 2, "num_layers": 3}}}, path)
     with pytest.raises(ValueError, match="num_layers=3"):
-        LM.load_musicgen(path)
+        lm_lib.load_musicgen(path)
     torch.save({"best_state": sd, "xp.cfg": {"codebooks_pattern": {"modeling": "parallel"}}}, path)
     with pytest.raises(ValueError, match="only 'delay'"):
-        LM.load_musicgen(path)
+        lm_lib.load_musicgen(path)
     with pytest.raises(FileNotFoundError, match="nope.bin"):
-        LM.load_musicgen(str(tmp_path / "nope.bin"))
+        lm_lib.load_musicgen(str(tmp_path / "nope.bin"))
     bad = dict(m.state_dict())
     del bad["transformer.layers.1.linear2.weight"]
     bad["out_norm.weight"] = torch.ones(5)
     with pytest.raises(ValueError, match=r"(?s)transformer.layers.1.linear2.weight.*out_norm.weight: file \(5,\)"):
-        LM.load_state_checked(LM.AudioLM(m.cfg), bad, "x.pt")
+        lm_lib.load_state_checked(lm_lib.AudioLM(m.cfg), bad, "x.pt")
     with pytest.raises(ValueError, match=r"(?s)x.pt: .*missing keys \(1\)"):
-        LM.lm_from_state_dict(m.cfg, bad, "x.pt")
+        lm_lib.lm_from_state_dict(m.cfg, bad, "x.pt")
 
 
 # ---------------------------------------------------------------- delay pattern
@@ -940,15 +1000,15 @@ def test_delay_pattern_matches_audiocraft_rule():
             for t, k in coords:
                 if t < T:
                     ref[:, k, s] = codes[:, k, t]
-        assert torch.equal(LM.build_delay_pattern(codes, special, full=full), ref)
-    assert torch.equal(LM.revert_delay_pattern(LM.build_delay_pattern(codes, special, full=True)), codes)
-    valid = LM.delay_valid_mask(K, T)
+        assert torch.equal(lm_lib.build_delay_pattern(codes, special, full=full), ref)
+    assert torch.equal(lm_lib.revert_delay_pattern(lm_lib.build_delay_pattern(codes, special, full=True)), codes)
+    valid = lm_lib.delay_valid_mask(K, T)
     assert valid.sum(1).tolist() == [T - k for k in range(K)]  # codebook k loses its last k frames
-    back = LM.revert_delay_pattern(LM.build_delay_pattern(codes, special), num_frames=T, fill=special)
+    back = lm_lib.revert_delay_pattern(lm_lib.build_delay_pattern(codes, special), num_frames=T, fill=special)
     assert torch.equal(back, torch.where(valid, codes, torch.full_like(codes, special)))
     # logits: frame t of codebook k is predicted at step t+k (audiocraft's revert_pattern_logits)
     logits = torch.randn(B, K, T + 1, 3)
-    rl = LM.revert_delay_pattern(logits, num_frames=T, fill=float("nan"), logits=True)
+    rl = lm_lib.revert_delay_pattern(logits, num_frames=T, fill=float("nan"), logits=True)
     for k in range(K):
         for t in range(T):
             if valid[k, t]:
@@ -960,9 +1020,9 @@ def test_delay_pattern_matches_audiocraft_rule():
 
 def test_dropped_text_equals_empty_text():
     m = _lm_tiny_model()
-    seq = LM.build_delay_pattern(torch.randint(0, 16, (2, 4, 9)), 16)
+    seq = lm_lib.build_delay_pattern(torch.randint(0, 16, (2, 4, 9)), 16)
     text, _ = _lm_text()
-    empty = torch.zeros(2, 5, dtype=torch.bool)  # the null condition: an empty caption, fully masked (§5)
+    empty = torch.zeros(2, 5, dtype=torch.bool)  # the null condition: an empty caption, fully masked (PAPER.md "audiocraft: CFG dropout")
     with torch.no_grad():
         a, ha = m(seq, None, None)
         b, hb = m(seq, text, empty)
@@ -978,10 +1038,10 @@ def test_lm_loss_alignment_masks_and_hidden():
     text, mask = _lm_text(B)
     fm = torch.ones(B, T, dtype=torch.bool)
     fm[1, 6:] = False  # a zero-padded clip: 6 valid frames
-    out = LM.lm_loss(m, codes, text, mask, frame_mask=fm)
-    logits, hidden = m(LM.build_delay_pattern(codes, 16), text, mask)
-    rl = LM.revert_delay_pattern(logits, num_frames=T, logits=True)  # (B, K, T, card)
-    valid = LM.delay_valid_mask(K, T)[None] & fm[:, None]
+    out = lm_lib.lm_loss(m, codes, text, mask, frame_mask=fm)
+    logits, hidden = m(lm_lib.build_delay_pattern(codes, 16), text, mask)
+    rl = lm_lib.revert_delay_pattern(logits, num_frames=T, logits=True)  # (B, K, T, card)
+    valid = lm_lib.delay_valid_mask(K, T)[None] & fm[:, None]
     ref = torch.stack([F.cross_entropy(rl[:, k][valid[:, k]], codes[:, k][valid[:, k]]) for k in range(K)])
     torch.testing.assert_close(out["per_codebook_ce"], ref)
     torch.testing.assert_close(out["loss"], ref.mean())
@@ -991,17 +1051,17 @@ def test_lm_loss_alignment_masks_and_hidden():
     out["loss"].backward()
     assert m.emb[3].weight.grad.abs().sum() > 0 and m.text_proj.weight.grad.abs().sum() > 0
     m.zero_grad()
-    dropped = LM.lm_loss(m, codes, text, mask, drop_text=True, frame_mask=fm)
+    dropped = lm_lib.lm_loss(m, codes, text, mask, drop_text=True, frame_mask=fm)
     dropped["loss"].backward()
     assert m.text_proj.weight.grad is None or m.text_proj.weight.grad.abs().sum() == 0  # CFG step: no text
     with pytest.raises(ValueError, match="at least 4 frames"):
-        LM.lm_loss(m, codes[..., :3], text, mask)
+        lm_lib.lm_loss(m, codes[..., :3], text, mask)
 
 
 def test_init_follows_audiocraft_depthwise_rule():
     torch.manual_seed(0)
-    cfg = LM.lm_config("toy", dim=128, num_layers=4, num_heads=4, card=64, text_dim=8)
-    m = LM.AudioLM(cfg)
+    cfg = lm_lib.lm_config("toy", dim=128, num_layers=4, num_heads=4, card=64, text_dim=8)
+    m = lm_lib.AudioLM(cfg)
     trunc = 0.9866  # std of a normal truncated at 3 sigma
     for i, layer in enumerate(m.transformer.layers):
         for w, fan_in in ((layer.linear1.weight, 128), (layer.linear2.weight, 512), (layer.self_attn.out_proj.weight, 128)):
@@ -1013,7 +1073,7 @@ def test_init_follows_audiocraft_depthwise_rule():
     assert abs(m.emb[0].weight.std().item() * math.sqrt(128) / trunc - 1) < 0.06
     assert abs(m.linears[0].weight.std().item() * math.sqrt(128) / trunc - 1) < 0.06
     with pytest.raises(ValueError, match="card"):
-        LM.lm_config("toy")  # toy needs the codec's card and the T5 width
+        lm_lib.lm_config("toy")  # toy needs the codec's card and the T5 width
 
 
 # ---------------------------------------------------------------- generation
@@ -1022,8 +1082,8 @@ def test_init_follows_audiocraft_depthwise_rule():
 def test_cached_generation_equals_uncached(kw):
     m = _lm_tiny_model()
     text, mask = _lm_text()
-    a = LM.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False, **kw)
-    b = LM.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False,
+    a = lm_lib.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False, **kw)
+    b = lm_lib.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False,
                     use_cache=False, **kw)
     assert a.shape == (2, 4, 16) and a.dtype == torch.long and int(a.max()) < 16
     assert torch.equal(a, b)
@@ -1032,7 +1092,7 @@ def test_cached_generation_equals_uncached(kw):
 def test_cfg_one_equals_conditional_and_guidance_matters():
     m = _lm_tiny_model()
     text, mask = _lm_text()
-    run = lambda c, seed=5: LM.generate(m, text, mask, 16, cfg_coef=c, top_k=6,
+    run = lambda c, seed=5: lm_lib.generate(m, text, mask, 16, cfg_coef=c, top_k=6,
                                         generator=torch.Generator().manual_seed(seed), progress=False)
     cond = run(None)  # conditional model alone, no null-condition rows
     assert torch.equal(run(1.0), cond)
@@ -1054,15 +1114,18 @@ def test_greedy_cfg_matches_reference_decoder():
             for k in range(K):  # step s+1 holds frame s-k of codebook k
                 seq[:, k, s + 1] = nxt[:, k] if 0 <= s - k < T else card
     ref = torch.stack([seq[:, k, 1 + k:1 + k + T] for k in range(K)], 1)
-    out = LM.generate(m, text, mask, T, cfg_coef=c, temperature=0.0, progress=False)
+    out = lm_lib.generate(m, text, mask, T, cfg_coef=c, temperature=0.0, progress=False)
     assert torch.equal(out, ref)
-    uncond = LM.generate(m, None, None, T, temperature=0.0, progress=False, num_samples=2)
+    uncond = lm_lib.generate(m, None, None, T, temperature=0.0, progress=False, num_samples=2)
     assert uncond.shape == (2, 4, T)
     with pytest.raises(ValueError, match="num_frames"):
-        LM.generate(m, text, mask, 65, progress=False)
+        lm_lib.generate(m, text, mask, 65, progress=False)
 
 
-# ---------------------------------------------------------------- sample.py
+
+# ==================================================================================================
+# sample.py: text -> wav from a run or released weights
+# ==================================================================================================
 
 class _LMFakeCodec(torch.nn.Module):
     sample_rate, frame_rate, num_codebooks, cardinality = 800, 50, 4, 16
@@ -1090,7 +1153,7 @@ def test_few_rows_linear_is_linear():
     w = torch.randn(96, 32, generator=g)
     for n in (1, 2, 3, 8, 33):
         x = torch.randn(n, 32, generator=g)
-        y = LM.few_rows_linear(x, w)
+        y = lm_lib.few_rows_linear(x, w)
         assert y.shape == (n, 96) and y.is_contiguous()
         torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
@@ -1132,7 +1195,7 @@ def test_sample_cli_rejects_bad_input(tmp_path, argv, msg):
 
 def test_sample_cli_reports_checkpoint_mismatch(tmp_path):
     m = _lm_tiny_model()
-    other = LM.AudioLM(LM.lm_config(dict(vars(m.cfg)), num_layers=1, dim=48))  # not the config in lm.pt
+    other = lm_lib.AudioLM(lm_lib.lm_config(dict(vars(m.cfg)), num_layers=1, dim=48))  # not the config in lm.pt
     _lm_write_run(tmp_path, other.state_dict(), dict(vars(m.cfg)))
     with pytest.raises(SystemExit, match=r"(?s)missing keys.*transformer\.layers\.1\..*shape mismatches.*\(17, 48\)"):
         sample.main(["--ckpt", str(tmp_path), "--duration", "1", "a prompt"])
@@ -1142,13 +1205,11 @@ def test_sample_cli_reports_checkpoint_mismatch(tmp_path):
 
 
 def test_sample_cli_writes_one_wav_per_prompt(tmp_path, monkeypatch):
-    import types
-    import soundfile as sf
     m = _lm_tiny_model()
     _lm_write_run(tmp_path, m.state_dict(), dict(vars(m.cfg)))
-    # stand-ins for codec.py / text_encoder.py (other owners): only the SPEC.md interface is used
-    monkeypatch.setitem(sys.modules, "codec", types.SimpleNamespace(load_codec=lambda path, device="cpu": _LMFakeCodec()))
-    monkeypatch.setitem(sys.modules, "text_encoder", types.SimpleNamespace(load_t5=lambda d, device="cpu": _LMFakeT5()))
+    # stand-ins for the codec and the T5: sample.py uses only load_codec / load_t5 and the attributes the fakes have
+    monkeypatch.setattr(codec_lib, "load_codec", lambda path, device="cpu": _LMFakeCodec())
+    monkeypatch.setattr(text_encoder, "load_t5", lambda d, device="cpu": _LMFakeT5())
     sample.main(["--ckpt", str(tmp_path), "--duration", "0.5", "--seed", "3", "one beep", "two low beeps"])
     files = sorted(os.listdir(tmp_path / "samples"))
     assert files == ["000_one_beep.wav", "001_two_low_beeps.wav"]
@@ -1165,18 +1226,11 @@ def test_sample_cli_writes_one_wav_per_prompt(tmp_path, monkeypatch):
 
 
 # ==================================================================================================
-# rr_loss.py + train.py: the objective under FSDP (issue 5)
+# rr_loss.py: Eq. 3-5 against a loop transcription, masking, gradients
 # ==================================================================================================
-
-# Tests of rr_loss.py (Eq. 3-5 against a loop transcription, masking, gradients) and train.py (CFG steps, world-size
-# invariance under torchrun, exact resume after SIGTERM, NaN stop, checkpoints that sample.py loads, bad inputs).
-
-
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------------------------- rr_loss
 def _rr_loops(text, tmask, audio, amask, pool):
     """Eq. 3-5 written out with python loops in float64."""
     B = text.shape[0]
@@ -1250,10 +1304,13 @@ def test_rr_needs_two_samples():
         rr_loss.pool_time(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), "median")
 
 
+# ==================================================================================================
+# train.py: CFG steps, world-size invariance under torchrun, exact resume, NaN stop, bad inputs
+# ==================================================================================================
 # ----------------------------------------------------------------------------------------------- CFG steps
 def test_cfg_step_logits_ignore_the_caption():
     torch.manual_seed(0)
-    model = LM.AudioLM(LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
+    model = lm_lib.AudioLM(lm_lib.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
     codes = torch.randint(0, 16, (2, 4, 6))
     fm = torch.ones(2, 6, dtype=torch.bool)
     t1, t2 = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
@@ -1270,13 +1327,13 @@ def test_lm_loss_sums_add_up_across_micro_batches():
     and ranks: the halves of a batch must add up to the whole, padding and delay-pattern masking included, and
     sum / count must be the per-codebook mean."""
     torch.manual_seed(1)
-    model = LM.AudioLM(LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
+    model = lm_lib.AudioLM(lm_lib.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=16, text_dim=8)).eval()
     codes, text = torch.randint(0, 16, (4, 4, 9)), torch.randn(4, 5, 8)
     tmask, fm = _lengths_mask([5, 2, 4, 5], 5), _lengths_mask([9, 6, 3, 8], 9)
     with torch.no_grad():
         for drop in (False, True):
-            whole = LM.lm_loss(model, codes, text, tmask, drop, fm)
-            halves = [LM.lm_loss(model, codes[s], text[s], tmask[s], drop, fm[s]) for s in (slice(0, 2), slice(2, 4))]
+            whole = lm_lib.lm_loss(model, codes, text, tmask, drop, fm)
+            halves = [lm_lib.lm_loss(model, codes[s], text[s], tmask[s], drop, fm[s]) for s in (slice(0, 2), slice(2, 4))]
             assert torch.allclose(halves[0]["ce_sum"] + halves[1]["ce_sum"], whole["ce_sum"], atol=1e-5)
             assert torch.equal(halves[0]["count"] + halves[1]["count"], whole["count"])
             # codebook k: frames t < 9 - k (delay pattern) of clips with 9, 6, 3, 8 real frames
@@ -1285,9 +1342,9 @@ def test_lm_loss_sums_add_up_across_micro_batches():
 
 
 def test_cfg_draw_is_seeded_per_step():
-    c = train.TrainConfig(cfg_prob=0.3, seed=5)
-    draws = [train.cfg_dropped(c, s) for s in range(400)]
-    assert draws == [train.cfg_dropped(c, s) for s in range(400)]  # same on every rank / after a resume
+    cfg = train.TrainConfig(cfg_prob=0.3, seed=5)
+    draws = [train.cfg_dropped(cfg, s) for s in range(400)]
+    assert draws == [train.cfg_dropped(cfg, s) for s in range(400)]  # same on every rank / after a resume
     assert 0.2 < np.mean(draws) < 0.4
     assert draws != [train.cfg_dropped(train.TrainConfig(cfg_prob=0.3, seed=6), s) for s in range(400)]
 
@@ -1454,7 +1511,7 @@ def test_bad_inputs(tiny, reference, tmp_path):
 
 
 # ==================================================================================================
-# evaluate.py: toy oracle and metrics (issue 6)
+# evaluate.py: toy oracle and metrics
 # ==================================================================================================
 
 # Tests of evaluate.py: the signal-processing oracle and the toy metric trio.
@@ -1558,22 +1615,19 @@ def test_codec_roundtrip_keeps_length():
 
 
 # ==================================================================================================
-# bench.py: the FLOP count behind the MFU figure, the verdicts of the table (issue 7)
+# bench.py: the FLOP count behind the MFU figure, the verdicts of the table
 # ==================================================================================================
-import bench
 
 
 def test_train_flops_matches_torch_flop_counter():
     """bench.train_flops / 3 is the forward's matmul FLOPs; torch's FlopCounterMode counts the same matmuls but the
     full causal square of the self-attention (our count takes the useful half): the difference is exactly 2BLS^2D.
     A wrong coefficient for any weight matrix, the heads, the text side or the attention would show."""
-    from torch.utils.flop_counter import FlopCounterMode
-    cfg = LM.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=64, text_dim=24, max_frames=64)
-    model = LM.AudioLM(cfg)
+    cfg = lm_lib.lm_config("toy", dim=32, num_layers=2, num_heads=2, card=64, text_dim=24, max_frames=64)
+    model = lm_lib.AudioLM(cfg)
     B, S, Tt = 3, 17, 5
     seq = torch.randint(0, cfg.card, (B, cfg.num_codebooks, S))
     text, mask = torch.randn(B, Tt, cfg.text_dim), torch.ones(B, Tt, dtype=torch.bool)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):  # attention as countable matmuls
         model(seq, text, mask)
     assert fc.get_total_flops() == bench.train_flops(cfg, B, S, Tt) // 3 + 2 * B * cfg.num_layers * S * S * cfg.dim
@@ -1595,3 +1649,51 @@ def test_bench_table_marks_targets_and_warns_on_probe_mismatch():
     assert any(line.startswith("WARNING encode toy: probe outputs differ") for line in table)
     assert not any("WARNING" in line and ("train" in line or "gen" in line) for line in table)
     assert any("worst 10%" in line for line in table)
+
+
+# ==================================================================================================
+# the repository: citations resolve, one place per train.py flag
+# ==================================================================================================
+PY_FILES = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
+
+
+def _paper_headings():
+    with open(os.path.join(HERE, "PAPER.md"), encoding="utf-8") as f:
+        return [line[3:].strip() for line in f if line.startswith("## ")]
+
+
+def test_every_paper_citation_resolves_to_a_heading():
+    """`PAPER.md §3.2` must name a section heading '## §3.2 ...', and `PAPER.md "audiocraft: sampling"` the
+    heading '## audiocraft: sampling': the two forms the code cites."""
+    headings = _paper_headings()
+    sections = {h.split()[0] for h in headings if h.startswith("§")}
+    named = set(headings)
+    bad = []
+    for name in PY_FILES + ["README.md"]:
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        bad += [f"{name}: §{m}" for m in re.findall(r"PAPER\.md §([0-9]+(?:\.[0-9]+)*)", text) if f"§{m}" not in sections]
+        bad += [f"{name}: {m!r}" for m in re.findall(r'PAPER\.md "([^"]+)"', text) if m not in named]
+        bad += [f"{name}: a § without a number" for _ in re.findall(r"PAPER\.md §(?![0-9])", text)]
+    assert {"§3.1", "§3.2", "§4.2"} <= sections
+    assert not bad, bad
+
+
+def test_every_file_the_code_names_exists():
+    names = set()
+    for name in PY_FILES:
+        names |= set(re.findall(r"\b([A-Za-z_][\w-]*\.(?:md|py))\b", open(os.path.join(HERE, name)).read()))
+    missing = sorted(n for n in names if not os.path.exists(os.path.join(HERE, n)))
+    assert not missing, missing
+
+
+def test_train_flags_live_in_train_config():
+    """Each flag's help and whether it may change on resume are metadata of its TrainConfig field."""
+    flags = {f.name: f.metadata for f in dataclasses.fields(train.TrainConfig)}
+    assert all(m["help"] for m in flags.values())
+    assert {k for k, m in flags.items() if m["resume_free"]} == {
+        "eval_every", "save_every", "max_steps_this_run", "samples", "device", "micro_batch", "cache_tokens",
+        "cache_dir", "test_manifest", "skip_bad", "threads"}
+    assert set(train.PRESETS["toy"]) <= set(flags)
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    help_text = " ".join(p.stdout.split())
+    assert p.returncode == 0 and all(" ".join(m["help"].split())[:40] in help_text for m in flags.values())

@@ -1,8 +1,9 @@
-"""The frozen T5 text encoder that conditions the LM (PAPER.md §1, §5), in plain torch.
+"""The frozen T5 text encoder that conditions the LM, in plain torch (PAPER.md §3.1;
+PAPER.md "audiocraft: T5 conditioner").
 
 MusicGen uses t5-base (768), AudioGen t5-large (1024). `load_t5(dir)` reads a HF-format directory
 (config.json, model.safetensors or pytorch_model.bin, spiece.model) of any T5 v1.0 / v1.1 / flan-T5
-and computes what transformers.T5EncoderModel computes (tests_part_t5.py checks it); the module keeps
+and computes what transformers.T5EncoderModel computes (test_all.py checks it); the module keeps
 HF's key names, so checkpoints load as they are. `make_toy_t5` writes a small random T5 in the same
 format, the toy default when no T5 directory is given.
 """
@@ -22,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+import data
 
 
 @dataclass
@@ -140,7 +143,7 @@ class Block(nn.Module):
 
 class T5Tokenizer:
     """sentencepiece with T5's conventions (pad 0, eos 1 appended, unk 2), right-padded batches;
-    the same ids as transformers' T5Tokenizer on the same spiece.model (tests_part_t5.py).
+    the same ids as transformers' T5Tokenizer on the same spiece.model (test_all.py checks it).
     Differs only in that strings like '</s>' or '<extra_id_0>' inside a caption are read as text."""
     pad_id, eos_id, unk_id = 0, 1, 2
 
@@ -207,7 +210,8 @@ class TextEncoder(nn.Module):
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
             emb = self(ids, mask)
         # An empty caption (the CFG-dropped / unconditional text) is masked out entirely, as audiocraft's
-        # T5Conditioner does; emb x mask makes padded and dropped positions exactly zero (PAPER.md §5).
+        # T5Conditioner does; emb x mask makes padded and dropped positions exactly zero
+        # (PAPER.md "audiocraft: T5 conditioner").
         mask = mask & torch.tensor([c != "" for c in captions], device=dev)[:, None]
         return emb * mask[..., None].to(emb.dtype), mask
 
@@ -233,7 +237,7 @@ def _read_encoder_weights(directory):
             with safe_open(shard, framework="pt") as f:
                 sd.update({k: f.get_tensor(k) for k in f.keys() if wanted(k)})
         else:
-            sd.update({k: v for k, v in torch.load(shard, map_location="cpu", weights_only=True).items() if wanted(k)})
+            sd.update({k: v for k, v in data.torch_load(shard, "T5 weights file").items() if wanted(k)})
     alias = sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; some files hold only one
     if "shared.weight" not in sd and alias is not None:
         sd["shared.weight"] = alias
@@ -253,23 +257,19 @@ def load_t5(directory, device="cpu", max_length=512, finetune=False):
         raise ValueError(f"{directory}: spiece.model has {len(tok)} pieces, config.json vocab_size {cfg.vocab_size}")
     model = TextEncoder(cfg, tok, finetune)
     sd, path = _read_encoder_weights(directory)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{path}: weights do not fit config.json: {e}") from None
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    data.check_state_dict(model.state_dict(), sd, path, "config.json")
+    model.load_state_dict(sd)
     if not finetune:
-        model.requires_grad_(False).eval()  # frozen (PAPER.md §1)
+        model.requires_grad_(False).eval()  # frozen (PAPER.md §3.1)
     return model.to(device)
 
 
 def init_t5_weights(model, seed=0, factor=1.0):
     """HF T5's init (_init_weights), seeded: normal with fan-in scaled std, norms at 1."""
-    c = model.cfg
-    std = dict(shared=1.0, q=(c.d_model * c.d_kv) ** -0.5, k=c.d_model ** -0.5, v=c.d_model ** -0.5,
-               o=(c.num_heads * c.d_kv) ** -0.5, relative_attention_bias=c.d_model ** -0.5,
-               wi=c.d_model ** -0.5, wi_0=c.d_model ** -0.5, wi_1=c.d_model ** -0.5, wo=c.d_ff ** -0.5)
+    cfg = model.cfg
+    std = dict(shared=1.0, q=(cfg.d_model * cfg.d_kv) ** -0.5, k=cfg.d_model ** -0.5, v=cfg.d_model ** -0.5,
+               o=(cfg.num_heads * cfg.d_kv) ** -0.5, relative_attention_bias=cfg.d_model ** -0.5,
+               wi=cfg.d_model ** -0.5, wi_0=cfg.d_model ** -0.5, wi_1=cfg.d_model ** -0.5, wo=cfg.d_ff ** -0.5)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # fixed order -> same seed, same weights
@@ -277,12 +277,6 @@ def init_t5_weights(model, seed=0, factor=1.0):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, factor * std[name.split(".")[-2]], generator=g)
-
-
-def _write(path, data):  # tmp + rename: an interrupted write never leaves a half file behind
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def make_toy_t5(directory, captions, seed=0):
@@ -319,12 +313,12 @@ def make_toy_t5(directory, captions, seed=0):
               num_decoder_layers=cfg.num_layers, dropout_rate=0.0,  # 0: we never use dropout
               initializer_factor=1.0, is_encoder_decoder=False, is_decoder=False, pad_token_id=0,
               eos_token_id=1, tie_word_embeddings=True, use_cache=False, dtype="float32")
-    _write(os.path.join(directory, "spiece.model"), buf.getvalue())
+    data.atomic_write(os.path.join(directory, "spiece.model"), buf.getvalue())
     weights = os.path.join(directory, "model.safetensors")
-    save_file(model.state_dict(), weights + ".tmp", metadata={"format": "pt"})  # "format" is read by transformers
-    os.replace(weights + ".tmp", weights)
+    # "format" is read by transformers
+    data.atomic_write(weights, lambda tmp: save_file(model.state_dict(), tmp, metadata={"format": "pt"}))
     # config.json last: callers (train.py) take its presence to mean the directory is complete.
-    _write(os.path.join(directory, "config.json"), (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode())
+    data.atomic_write(os.path.join(directory, "config.json"), json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv=None):
