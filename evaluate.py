@@ -229,11 +229,11 @@ def score(items, generated, sr=SR):
 
 
 # ----------------------------------------------------------------------------- oracle check, generation
-def _test_manifest(data_root):
-    """The toy test manifest; made with data.ensure_toy_dataset only when missing (never re-made: a run's
+def _split_manifest(data_root, split="test"):
+    """A toy split's manifest; made with data.ensure_toy_dataset only when missing (never re-made: a run's
     data may use other sizes than the defaults)."""
-    path = os.path.join(data_root, "test.jsonl")
-    return path if os.path.exists(path) else data.ensure_toy_dataset(data_root)["test"]
+    path = os.path.join(data_root, f"{split}.jsonl")
+    return path if os.path.exists(path) else data.ensure_toy_dataset(data_root)[split]
 
 
 def _load_items(manifest, max_items=None):
@@ -263,7 +263,7 @@ def codec_roundtrip(codec, wavs, batch_size=16):
 def oracle_check(data_root="data/toy", codec_path=None, max_clips=300, split="test"):
     """Oracle accuracy on up to max_clips of a toy split and, given a codec, on their round trips:
     {"clips": control(...), "roundtrip": control(...)}. Targets (acc_all): >= 99% and >= 95%."""
-    manifest = _test_manifest(data_root) if split == "test" else os.path.join(data_root, f"{split}.jsonl")
+    manifest = _split_manifest(data_root, split)
     items = _load_items(manifest, max_clips)
     truth = [it["attributes"] for it in items]
     res = dict(n_clips=len(items), clips=control(truth, [analyse_clip(it["wav"]) for it in items]))
@@ -274,9 +274,13 @@ def oracle_check(data_root="data/toy", codec_path=None, max_clips=300, split="te
 
 
 def evaluate_run(run, data_root="data/toy", samples_per_prompt=4, max_prompts=None, seed=0, batch_size=16,
-                 cfg_coef=3.0, top_k=250, device="cpu", progress=True):
-    """Generate samples_per_prompt clips for each test prompt with the run's LM and score them."""
-    items = _load_items(_test_manifest(data_root), max_prompts)
+                 cfg_coef=None, top_k=None, device="cpu", progress=True, split="test"):
+    """Generate samples_per_prompt clips for each prompt of a toy split with the run's LM and score them.
+    cfg_coef / top_k None: the sampling defaults the run recorded (sample.run_defaults)."""
+    defaults = sample.run_defaults(run)
+    cfg_coef = defaults["cfg_coef"] if cfg_coef is None else cfg_coef
+    top_k = defaults["top_k"] if top_k is None else top_k
+    items = _load_items(_split_manifest(data_root, split), max_prompts)
     codec, t5, lm = sample.load_run(run, device)
     texts = [it["text"] for it in items for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -293,7 +297,7 @@ METRICS = ("acc_count", "acc_pitch", "acc_kind", "acc_all", "agree", "kl", "fd")
 
 
 def format_table(results):
-    """results: {split: {metric: value or (mean, std)}} -> markdown table."""
+    """results: {split: {metric: value or (mean, half-width)}} -> markdown table."""
     fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, (tuple, list)) else f"{v:.3f}"
     lines = ["| split | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for split, m in results.items():
@@ -316,7 +320,8 @@ ABLATION = {
 
 def run_ablation(args):
     """Train every config x seed with the same steps (LM only: the main run's codec, T5 and token cache are
-    reused), evaluate each, and aggregate mean +- std over seeds. Resumable: finished runs are kept in
+    reused), evaluate each on the test split, and aggregate over seeds: each metric's mean with its 95% CI, and
+    each config's paired difference against no_rr. Resumable: finished runs are kept in
     ABLATION_DIR/results.json and skipped."""
     for path, what in ((args.ablation_codec, "toy codec"), (os.path.join(args.ablation_t5, "config.json"), "toy T5")):
         if not os.path.exists(path):
@@ -346,27 +351,67 @@ def run_ablation(args):
                 raise SystemExit(f"evaluate.py: error: training {key} failed (command above)")
             t1 = time.time()
             metrics = evaluate_run(run_dir, args.data, args.samples_per_prompt, args.max_prompts, args.seed,
-                                   args.batch_size, args.cfg_coef, args.top_k, args.device, progress=False)
+                                   args.batch_size, (args.cfg_coef or [None])[0], (args.top_k or [None])[0],
+                                   args.device, progress=False)
             runs[key] = dict(config=name, seed=seed, steps=args.ablation_steps, flags=flags, metrics=metrics,
                              train_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1))
             data.atomic_write(res_path, json.dumps(runs, indent=1))
             r = runs[key]
             print(f"{key}: acc_all {metrics['all']['acc_all']:.3f}; train {r['train_s']} s, eval {r['eval_s']} s")
-    table = {}
+    table, paired = {}, {}
     for name in args.configs:
         done = [runs[f"{name}/seed{s}"]["metrics"] for s in args.seeds if f"{name}/seed{s}" in runs]
         for split in ("all", "held_out"):
-            table[f"{name} [{split}]"] = {k: (float(np.mean(v := [m[split][k] for m in done])), float(np.std(v)))
-                                          for k in METRICS}
+            table[f"{name} [{split}]"] = {k: mean_ci([m[split][k] for m in done]) for k in METRICS}
+    base = "no_rr" if "no_rr" in args.configs else None
+    for name in args.configs:  # the same seed = the same init, data order and CFG steps: compare per seed
+        seeds = [s for s in args.seeds if f"{name}/seed{s}" in runs and f"{base}/seed{s}" in runs]
+        if base is None or name == base or not seeds:
+            continue
+        for split, k in PAIRED_METRICS:
+            d = paired_difference([runs[f"{name}/seed{s}"]["metrics"][split][k] for s in seeds],
+                                  [runs[f"{base}/seed{s}"]["metrics"][split][k] for s in seeds])
+            paired[f"{name} - {base}: {k} [{split}]"] = d
     wall = sum(r["train_s"] + r["eval_s"] for r in runs.values())
-    print(f"mean ± std over seeds {args.seeds}, {args.ablation_steps} steps each; all runs took {wall / 60:.1f} min")
+    print(f"mean ± 95% CI half-width over seeds {args.seeds}, {args.ablation_steps} steps each; the runs took "
+          f"{wall / 60:.1f} min of training and evaluation")
     print(format_table(table).replace("| split |", "| config [split] |"))
-    return dict(table={k: {m: list(v) for m, v in row.items()} for k, row in table.items()}, runs=runs)
+    if paired:
+        print("\npaired difference against no_rr, same seeds: mean ± 95% CI half-width (seeds where it is higher)")
+        for key, d in paired.items():
+            print(f"  {key}: {d['mean']:+.3f} ± {d['half_width']:.3f} ({d['wins']} of {d['n']})")
+    return dict(table={k: {m: list(v) for m, v in row.items()} for k, row in table.items()}, paired=paired, runs=runs)
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); beyond 30, the normal's 1.96
+# is within 2% of the truth.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+PAIRED_METRICS = (("all", "acc_count"), ("all", "acc_all"), ("held_out", "acc_all"), ("all", "fd"))
+
+
+def mean_ci(values):
+    """(mean, half-width of its 95% t confidence interval) of independent values; half-width nan for one value."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()) if len(x) else float("nan"), float("nan")
+    return float(x.mean()), float(T_975.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def paired_difference(a, b):
+    """a[i] - b[i] over paired runs (the same seed): mean, 95% CI half-width, n, and wins = the pairs with a > b."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mean, half = mean_ci(d)
+    return dict(mean=mean, half_width=half, n=len(d), wins=int((d > 0).sum()))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Toy controllability evaluation: oracle, control accuracy, FD/KL/agree.")
-    ap.add_argument("--ckpt", help="train.py run directory or its lm.pt: generate for the test prompts and score")
+    ap.add_argument("--ckpt", help="train.py run directory or its lm.pt: generate for a split's prompts and score")
     ap.add_argument("--oracle-check", action="store_true", help="oracle accuracy on toy clips and codec round trips")
     ap.add_argument("--ablation", action="store_true", help="train + evaluate the toy Table 1 grid (RESULTS.md)")
     ap.add_argument("--data", default="data/toy", help="toy data root (made with data.ensure_toy_dataset if missing)")
@@ -374,9 +419,14 @@ def main(argv=None):
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="generated clips per test prompt")
     ap.add_argument("--max-prompts", type=int, default=None, help="use only the first N test prompts")
     ap.add_argument("--max-clips", type=int, default=300, help="clips for --oracle-check")
-    ap.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split for --oracle-check")
-    ap.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance coefficient at sampling")
-    ap.add_argument("--top-k", type=int, default=250, help="top-k sampling")
+    ap.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                    help="the split whose prompts --ckpt generates for (choose sampling settings on valid, report "
+                         "on test) or whose clips --oracle-check reads")
+    ap.add_argument("--cfg-coef", type=float, nargs="+", default=None,
+                    help="CFG coefficient at sampling; several values (with several --top-k) evaluate every "
+                         "combination (default: the run's recorded sample_cfg_coef)")
+    ap.add_argument("--top-k", type=int, nargs="+", default=None,
+                    help="top-k sampling, one or several values (default: the run's recorded sample_top_k)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--batch-size", type=int, default=32, help="clips generated together")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -394,6 +444,11 @@ def main(argv=None):
         raise SystemExit("evaluate.py: error: give exactly one of --ckpt RUN, --oracle-check, --ablation")
     if args.samples_per_prompt < 1 or args.batch_size < 1:
         raise SystemExit("evaluate.py: error: --samples-per-prompt and --batch-size must be >= 1")
+    if any(not math.isfinite(c) for c in args.cfg_coef or []) or any(k < 0 for k in args.top_k or []):
+        raise SystemExit(f"evaluate.py: error: need finite --cfg-coef and --top-k >= 0, got {args.cfg_coef}, "
+                         f"{args.top_k}")
+    if args.ablation and (len(args.cfg_coef or [0]) > 1 or len(args.top_k or [0]) > 1):
+        raise SystemExit("evaluate.py: error: --ablation takes one --cfg-coef and one --top-k")
     torch.set_num_threads(args.threads)  # oversubscribed OpenMP threads made generation 7x slower on 2 busy cores
     if args.oracle_check:
         codec = args.codec if os.path.exists(args.codec) else None
@@ -406,12 +461,22 @@ def main(argv=None):
     elif args.ckpt:
         if not os.path.exists(args.ckpt):
             raise SystemExit(f"evaluate.py: error: run not found: {args.ckpt} (train one with `python train.py`)")
+        grid = [(c, k) for c in args.cfg_coef or [None] for k in args.top_k or [None]]
         try:
-            res = evaluate_run(args.ckpt, args.data, args.samples_per_prompt, args.max_prompts, args.seed,
-                               args.batch_size, args.cfg_coef, args.top_k, args.device)
+            defaults = sample.run_defaults(args.ckpt)
+            res, rows = {}, {}
+            for c, k in grid:
+                c, k = defaults["cfg_coef"] if c is None else c, defaults["top_k"] if k is None else k
+                name = f"cfg {c:g}, top-k {k}"
+                res[name] = evaluate_run(args.ckpt, args.data, args.samples_per_prompt, args.max_prompts, args.seed,
+                                         args.batch_size, c, k, args.device, progress=len(grid) == 1,
+                                         split=args.split)
+                rows.update({f"{name} [{split}]": m for split, m in res[name].items()})
+                print(f"{args.split} split, {name}: acc_all {res[name]['all']['acc_all']:.3f}", flush=True)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py: error: {e}")
-        print(format_table(res))
+        res = res[name] if len(grid) == 1 else res
+        print(format_table(rows).replace("| split |", "| sampling [split] |"))
     else:
         res = run_ablation(args)
     if args.json:

@@ -111,15 +111,28 @@ def _slug(text):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
 
 
-def _default_duration(args):
-    if args.ckpt:  # the run's training segment length, if train.py recorded one
-        lm_pt = os.path.join(args.ckpt, "lm.pt") if os.path.isdir(args.ckpt) else args.ckpt
-        ckpt = _load_lm_pt(lm_pt)
-        tc = (ckpt.get("train_config") if isinstance(ckpt, dict) else None) or {}
-        for key in ("segment_seconds", "segment_duration", "duration"):
-            if isinstance(tc.get(key), (int, float)) and tc[key] > 0:
-                return float(tc[key])
-    return 10.0
+PAPER_SAMPLING = dict(duration=10.0, cfg_coef=3.0, top_k=250)  # PAPER.md §4.2; PAPER.md "audiocraft: sampling"
+
+
+def run_defaults(path=None):
+    """Sampling defaults of a train.py run (its directory or lm.pt): the training segment length and the CFG
+    coefficient and top-k its train_config recorded (sample_cfg_coef, sample_top_k); the paper's where the run
+    has none, or for path None (released weights)."""
+    out = dict(PAPER_SAMPLING)
+    if path is None:
+        return out
+    ckpt = _load_lm_pt(os.path.join(path, "lm.pt") if os.path.isdir(path) else path)
+    tc = (ckpt.get("train_config") if isinstance(ckpt, dict) else None) or {}
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for key in ("segment_seconds", "segment_duration", "duration"):
+        if number(tc.get(key)) and tc[key] > 0:
+            out["duration"] = float(tc[key])
+            break
+    if number(tc.get("sample_cfg_coef")):
+        out["cfg_coef"] = float(tc["sample_cfg_coef"])
+    if number(tc.get("sample_top_k")) and tc["sample_top_k"] >= 0:
+        out["top_k"] = int(tc["sample_top_k"])
+    return out
 
 
 def main(argv=None):
@@ -130,8 +143,10 @@ def main(argv=None):
     ap.add_argument("--t5", help="local T5 directory (HF format) for --musicgen, e.g. t5-base")
     ap.add_argument("--duration", type=float, default=None,
                     help="seconds per sample (default: the run's training segment, else 10)")
-    ap.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance coefficient")
-    ap.add_argument("--top-k", type=int, default=250, help="top-k sampling (0: off; 1: greedy)")
+    ap.add_argument("--cfg-coef", type=float, default=None,
+                    help="classifier-free guidance coefficient (default: the run's sample_cfg_coef, else 3.0)")
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="top-k sampling, 0: off, 1: greedy (default: the run's sample_top_k, else 250)")
     ap.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; replaces top-k when > 0")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
@@ -155,7 +170,7 @@ def main(argv=None):
         fail(f"prompt(s) {blank} are empty")
     if args.duration is not None and not args.duration > 0:
         fail(f"--duration must be > 0 seconds, got {args.duration}")
-    if args.top_k < 0 or not 0 <= args.top_p <= 1 or args.temperature < 0 or args.batch_size < 1:
+    if (args.top_k is not None and args.top_k < 0) or not 0 <= args.top_p <= 1 or args.temperature < 0 or args.batch_size < 1:
         fail("need --top-k >= 0, 0 <= --top-p <= 1, --temperature >= 0, --batch-size >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device} but CUDA is not available")
@@ -163,7 +178,10 @@ def main(argv=None):
     if not os.path.exists(src):
         fail(f"{'run' if args.ckpt else 'MusicGen directory'} not found: {src}")
     try:
-        duration = args.duration or _default_duration(args)
+        defaults = run_defaults(args.ckpt)
+        duration = args.duration or defaults["duration"]
+        cfg_coef = defaults["cfg_coef"] if args.cfg_coef is None else args.cfg_coef
+        top_k = defaults["top_k"] if args.top_k is None else args.top_k
         if args.ckpt:
             codec, t5, lm = load_run(args.ckpt, args.device, use_ema=not args.no_ema)
         else:
@@ -177,7 +195,7 @@ def main(argv=None):
     gen = torch.Generator(device=next(lm.parameters()).device).manual_seed(args.seed)
     for i0 in range(0, len(args.prompts), args.batch_size):
         batch = args.prompts[i0:i0 + args.batch_size]
-        wav = generate_audio(codec, t5, lm, batch, duration, args.cfg_coef, args.top_k, args.top_p,
+        wav = generate_audio(codec, t5, lm, batch, duration, cfg_coef, top_k, args.top_p,
                              args.temperature, generator=gen).float().cpu()
         for j, (prompt, w) in enumerate(zip(batch, wav)):
             w = w[0] / max(1.0, w.abs().max().item() / 0.99)  # scale down only if it would clip

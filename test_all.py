@@ -1473,6 +1473,29 @@ def test_checkpoint_loads_in_sample(reference):
     assert wav.shape == (1, 1, 1600) and torch.isfinite(wav).all()
 
 
+def test_run_sampling_defaults_reach_generate_audio(reference, tmp_path, monkeypatch):
+    """The CFG coefficient and top-k a run records (toy preset values, or --sample-cfg-coef / --sample-top-k) are
+    what sample.py generates with unless given on its command line."""
+    run, _ = reference
+    calls = []
+    real = lm_lib.generate
+    monkeypatch.setattr(lm_lib, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    toy = {**{f.name: f.default for f in dataclasses.fields(train.TrainConfig)}, **train.PRESETS["toy"]}
+    sample.main(["--ckpt", run, "--duration", "0.2", "--out", str(tmp_path / "a"), "x"])
+    assert (calls[-1]["cfg_coef"], calls[-1]["top_k"]) == (toy["sample_cfg_coef"], toy["sample_top_k"])
+    ckpt = torch.load(os.path.join(run, "lm.pt"), weights_only=True)
+    ckpt["train_config"].update(sample_cfg_coef=1.25, sample_top_k=7)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    torch.save(ckpt, other / "lm.pt")
+    assert sample.run_defaults(str(other)) == dict(duration=0.64, cfg_coef=1.25, top_k=7)
+    sample.main(["--ckpt", str(other), "--duration", "0.2", "x"])
+    assert (calls[-1]["cfg_coef"], calls[-1]["top_k"]) == (1.25, 7)
+    sample.main(["--ckpt", str(other), "--duration", "0.2", "--cfg-coef", "2", "--top-k", "3", "x"])
+    assert (calls[-1]["cfg_coef"], calls[-1]["top_k"]) == (2.0, 3)
+    assert sample.run_defaults(None) == dict(duration=10.0, cfg_coef=3.0, top_k=250)  # released weights: the paper's
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
     real, calls = train.lm_forward, []
 
@@ -1588,6 +1611,18 @@ def test_metrics_detect_wrong_audio():
     assert evaluate.score(items, noise_only)["all"]["fd"] > 10.0
 
 
+def test_confidence_intervals_on_a_hand_computed_example():
+    # [1, 2, 3, 4]: mean 2.5, sample sd sqrt(5/3) = 1.29099, se 0.645497, t(0.975, 3) = 3.182 -> 2.05397
+    mean, half = evaluate.mean_ci([1, 2, 3, 4])
+    assert mean == 2.5 and abs(half - 3.182 * math.sqrt(5 / 3) / 2) < 1e-12 and abs(half - 2.05397) < 1e-4
+    # paired: d = [0.1, 0.0, 0.2]: mean 0.1, sd 0.1, se 0.057735, t(0.975, 2) = 4.303 -> 0.24843; 2 wins, 1 tie
+    d = evaluate.paired_difference([0.5, 0.6, 0.7], [0.4, 0.6, 0.5])
+    assert d["n"] == 3 and d["wins"] == 2 and abs(d["mean"] - 0.1) < 1e-12 and abs(d["half_width"] - 0.24843) < 1e-4
+    assert math.isnan(evaluate.mean_ci([0.3])[1])
+    with pytest.raises(ValueError, match="equal lengths"):
+        evaluate.paired_difference([1, 2], [1])
+
+
 def test_frechet_distance_closed_form():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
@@ -1692,7 +1727,7 @@ def test_train_flags_live_in_train_config():
     assert all(m["help"] for m in flags.values())
     assert {k for k, m in flags.items() if m["resume_free"]} == {
         "eval_every", "save_every", "max_steps_this_run", "samples", "device", "micro_batch", "cache_tokens",
-        "cache_dir", "test_manifest", "skip_bad", "threads"}
+        "cache_dir", "test_manifest", "skip_bad", "threads", "sample_cfg_coef", "sample_top_k"}
     assert set(train.PRESETS["toy"]) <= set(flags)
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
     help_text = " ".join(p.stdout.split())

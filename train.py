@@ -102,6 +102,11 @@ class TrainConfig:  # defaults: the paper's setup for sound (PAPER.md §4.2); PR
     rr_weight: float = flag(3.0, "lambda of Eq. 6 (3.0); 0 = the baseline without RR")
     rr_pool: str = flag("max", "pooling F over time: max (best) or mean")
     seed: int = flag(0, "seed of the init, the data order, the crops and the CFG draws")
+    # Sampling defaults recorded in lm.pt for sample.py / evaluate.py: PAPER.md §4.2, PAPER.md "audiocraft: sampling"
+    sample_cfg_coef: float = flag(3.0, "CFG coefficient that sample.py and evaluate.py use for this run unless "
+                                  "given", resume_free=True)
+    sample_top_k: int = flag(250, "top-k that sample.py and evaluate.py use for this run unless given",
+                             resume_free=True)
     eval_every: int = flag(1000, "validation loss every N steps (and at the end)", resume_free=True)
     save_every: int = flag(1000, "write lm.pt and state/ every N steps", resume_free=True)
     max_steps_this_run: int = flag(0, "stop (saving) after N steps of this invocation (0: run to --steps); resume "
@@ -149,6 +154,9 @@ def parse_config(argv=None):
         problems.append(f"--rr-pool must be 'max' or 'mean', got {cfg.rr_pool!r}")
     if not 0 <= cfg.cfg_prob <= 1 or cfg.rr_weight < 0:
         problems.append(f"need 0 <= --cfg-prob <= 1 and --rr-weight >= 0, got {cfg.cfg_prob}, {cfg.rr_weight}")
+    if cfg.sample_top_k < 0 or not math.isfinite(cfg.sample_cfg_coef):
+        problems.append(f"need --sample-top-k >= 0 and a finite --sample-cfg-coef, got {cfg.sample_top_k}, "
+                        f"{cfg.sample_cfg_coef}")
     if min(cfg.steps, cfg.global_batch, cfg.ema_every, cfg.eval_every, cfg.save_every) < 1 \
             or min(cfg.warmup, cfg.micro_batch) < 0 or cfg.segment_seconds <= 0:
         problems.append("need --steps, --global-batch, --ema-every, --eval-every, --save-every >= 1, --warmup, "
