@@ -63,7 +63,8 @@ def to_transformers_lm(ours):
     cfg = ours.cfg
     hcfg = MusicgenDecoderConfig(vocab_size=cfg.card, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
                                  num_attention_heads=cfg.num_heads, ffn_dim=cfg.hidden_scale * cfg.dim,
-                                 num_codebooks=cfg.num_codebooks, max_position_embeddings=cfg.max_frames + cfg.num_codebooks,
+                                 num_codebooks=cfg.num_codebooks,
+                                 max_position_embeddings=cfg.max_frames + cfg.num_codebooks,
                                  dropout=0.0, pad_token_id=cfg.card, bos_token_id=cfg.card)
     hcfg.decoder_start_token_id = cfg.card
     hf = MusicgenForCausalLM(hcfg)
@@ -245,7 +246,8 @@ def case_train(case, device):
 
 def _train_py_lm(cfg, preset, layers, frames, device):
     """train.build_lm in a world of one process (train.init_distributed without torchrun): seed 0, as ours."""
-    train_cfg = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0, lm_layers=layers or 0,
+    train_cfg = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0,
+                                      lm_layers=layers or 0,
                               lm_heads=0, meta_init=False, seed=0, segment_seconds=frames / 50)
     _, _, dev = train.init_distributed(train_cfg)
     codec = types.SimpleNamespace(num_codebooks=cfg.num_codebooks, cardinality=cfg.card)
@@ -267,7 +269,8 @@ def train_flops(cfg, B, S, Tt):
 
 
 def case_gen(case, device):
-    """Sampling with CFG 3.0, top-k 250, temperature 1 (PAPER.md §4.2; PAPER.md "audiocraft: sampling"): B prompts, T frames = T+K-1 LM steps.
+    """Sampling with CFG 3.0, top-k 250, temperature 1 (PAPER.md §4.2; PAPER.md "audiocraft: sampling"): B prompts,
+    T frames = T+K-1 LM steps.
     Ours: lm.generate with its defaults (KV cache, cached cross-attention keys/values). Theirs:
     MusicgenForCausalLM.generate(guidance_scale=3) with the null condition as MusicGen builds it (zero text,
     zero mask) and max_length T+K, which yields the same T frames per codebook."""
@@ -333,7 +336,8 @@ def to_transformers_codec(ours):
     nbits = math.ceil(math.log2(cfg.bins))
     frame_rate = math.ceil(cfg.sample_rate / math.prod(cfg.ratios))
     hcfg = EncodecConfig(sampling_rate=cfg.sample_rate, audio_channels=1, num_filters=cfg.n_filters,
-                         upsampling_ratios=list(cfg.ratios), kernel_size=cfg.kernel_size, last_kernel_size=cfg.last_kernel_size,
+                         upsampling_ratios=list(cfg.ratios), kernel_size=cfg.kernel_size,
+                         last_kernel_size=cfg.last_kernel_size,
                          residual_kernel_size=cfg.residual_kernel_size, dilation_growth_rate=cfg.dilation_base,
                          num_residual_layers=cfg.n_residual_layers, num_lstm_layers=cfg.lstm, compress=cfg.compress,
                          hidden_size=cfg.dimension, codebook_size=cfg.bins, codebook_dim=cfg.dimension,

@@ -101,7 +101,7 @@ def generate_audio(codec, t5, lm, prompts, duration, cfg_coef=3.0, top_k=250, to
     with torch.no_grad():
         text, mask = t5.encode(list(prompts))  # (B, Tt, Dt), (B, Tt)
     codes = lm_lib.generate(lm, text, mask, T, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
-                        generator=generator, progress=progress)  # (B, K, T)
+                            generator=generator, progress=progress)  # (B, K, T)
     with torch.no_grad():
         wav = codec.decode(codes.clone().to(next(codec.parameters()).device))  # (B, 1, N')
     return wav[..., :round(duration * codec.sample_rate)]
@@ -170,7 +170,8 @@ def main(argv=None):
         fail(f"prompt(s) {blank} are empty")
     if args.duration is not None and not args.duration > 0:
         fail(f"--duration must be > 0 seconds, got {args.duration}")
-    if (args.top_k is not None and args.top_k < 0) or not 0 <= args.top_p <= 1 or args.temperature < 0 or args.batch_size < 1:
+    if (args.top_k is not None and args.top_k < 0) or not 0 <= args.top_p <= 1 or args.temperature < 0 \
+            or args.batch_size < 1:
         fail("need --top-k >= 0, 0 <= --top-p <= 1, --temperature >= 0, --batch-size >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device} but CUDA is not available")

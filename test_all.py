@@ -517,7 +517,8 @@ def test_load_audiocraft_refuses_unsupported_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="expected a codec.py checkpoint"):
         codec_lib.load_codec(junk)
     wrong = str(tmp_path / "wrong.pt")  # weights of another config: the mismatch is named
-    torch.save({"config": codec_lib.asdict(TINY), "model": codec_lib.EncodecModel(replace(TINY, bins=16)).state_dict()}, wrong)
+    other = codec_lib.EncodecModel(replace(TINY, bins=16)).state_dict()
+    torch.save({"config": codec_lib.asdict(TINY), "model": other}, wrong)
     with pytest.raises(ValueError, match="shape mismatches"):
         codec_lib.load_codec(wrong)
 
@@ -525,7 +526,7 @@ def test_load_audiocraft_refuses_unsupported_and_bad_files(tmp_path):
 # ------------------------------------------------------------------------ RVQ rules
 def _codebook(embed, cluster_size, threshold=0.0, decay=0.99):
     cb = codec_lib.Codebook(codec_lib.CodecConfig(dimension=embed.shape[1], bins=embed.shape[0], decay=decay,
-                                          threshold_ema_dead_code=threshold))
+                                                  threshold_ema_dead_code=threshold))
     cb.embed.copy_(embed)
     cb.cluster_size.copy_(cluster_size)
     cb.embed_avg.copy_(embed * cluster_size[:, None])
@@ -668,7 +669,7 @@ def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, mon
 def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monkeypatch):
     monkeypatch.setitem(codec_lib.CODEC_PRESETS, "toy", TINY)
     path = codec_lib.train_codec(toy_manifests["train"], str(tmp_path), preset="toy", steps=2, batch_size=2,
-                             segment_seconds=0.25, adversarial=True, progress=False)
+                                 segment_seconds=0.25, adversarial=True, progress=False)
     st = torch.load(os.path.join(os.path.dirname(path), "codec_state.pt"), weights_only=True)
     assert st["run"]["adversarial"] and set(st["balancer"]["total"]) == {"l1", "msspec", "adv", "feat"}
     assert st["disc"] and all(v["step"] == 2 for v in st["opt_d"]["state"].values())  # 2 discriminator updates
@@ -726,7 +727,8 @@ def _t5_hf_dir(tmp_path, toy_dir, name, ff, full_model=False, bin_file=False, se
     """A random small transformers T5 (encoder, or the whole encoder-decoder) written with the toy spiece.model."""
     n_pieces = len(text_encoder.T5Tokenizer(os.path.join(toy_dir, "spiece.model")))
     # num_heads * d_kv != d_model and few buckets / a short max_distance so every bucketing branch is used.
-    cfg = transformers.T5Config(vocab_size=n_pieces + 100, d_model=32, d_kv=12, d_ff=48, num_layers=3, num_decoder_layers=1,
+    cfg = transformers.T5Config(vocab_size=n_pieces + 100, d_model=32, d_kv=12, d_ff=48, num_layers=3,
+                                num_decoder_layers=1,
                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                    feed_forward_proj=ff)
     torch.manual_seed(seed)
@@ -762,7 +764,8 @@ def _t5_check_equal(hf, t5, captions):
 def test_t5_relative_position_bucket_matches_transformers():
     rel = torch.arange(-300, 301)[None, :]
     for nb, md in ((32, 128), (8, 20)):
-        want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=nb, max_distance=md)
+        want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+            rel, bidirectional=True, num_buckets=nb, max_distance=md)
         assert torch.equal(text_encoder.relative_position_bucket(rel, nb, md), want)
 
 
@@ -947,7 +950,8 @@ def test_matches_transformers_musicgen_decoder(tmp_path):
     mask[2, 1:] = False
     seq = torch.randint(0, card + 1, (B, K, S))  # HF's forward takes already-delayed ids: feed the same ones
     with torch.no_grad():
-        enc = proj(text) * mask[..., None]  # zero-padded, no encoder mask (PAPER.md "audiocraft: cross-attention and padding")
+        # zero-padded, no encoder mask (PAPER.md "audiocraft: cross-attention and padding")
+        enc = proj(text) * mask[..., None]
         ref = hf(input_ids=seq.reshape(B * K, S), encoder_hidden_states=enc).logits.reshape(B, K, S, card)
         logits, hidden = ours(seq, text, mask)
     assert logits.shape == (B, K, S, card) and hidden.shape == (B, S, D)
@@ -1022,7 +1026,8 @@ def test_dropped_text_equals_empty_text():
     m = _lm_tiny_model()
     seq = lm_lib.build_delay_pattern(torch.randint(0, 16, (2, 4, 9)), 16)
     text, _ = _lm_text()
-    empty = torch.zeros(2, 5, dtype=torch.bool)  # the null condition: an empty caption, fully masked (PAPER.md "audiocraft: CFG dropout")
+    # the null condition: an empty caption, fully masked (PAPER.md "audiocraft: CFG dropout")
+    empty = torch.zeros(2, 5, dtype=torch.bool)
     with torch.no_grad():
         a, ha = m(seq, None, None)
         b, hb = m(seq, text, empty)
@@ -1084,7 +1089,7 @@ def test_cached_generation_equals_uncached(kw):
     text, mask = _lm_text()
     a = lm_lib.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False, **kw)
     b = lm_lib.generate(m, text, mask, 16, generator=torch.Generator().manual_seed(3), progress=False,
-                    use_cache=False, **kw)
+                        use_cache=False, **kw)
     assert a.shape == (2, 4, 16) and a.dtype == torch.long and int(a.max()) < 16
     assert torch.equal(a, b)
 
@@ -1093,7 +1098,7 @@ def test_cfg_one_equals_conditional_and_guidance_matters():
     m = _lm_tiny_model()
     text, mask = _lm_text()
     run = lambda c, seed=5: lm_lib.generate(m, text, mask, 16, cfg_coef=c, top_k=6,
-                                        generator=torch.Generator().manual_seed(seed), progress=False)
+                                            generator=torch.Generator().manual_seed(seed), progress=False)
     cond = run(None)  # conditional model alone, no null-condition rows
     assert torch.equal(run(1.0), cond)
     assert not torch.equal(run(3.0), cond)
@@ -1363,7 +1368,7 @@ def tiny(tmp_path_factory):
             wav = data.synth_clip(c["count"], c["pitch"], c["kind"], rng, sample_rate=sr, duration=1.3)
             sf.write(f"{root}/wav/{split}{i}.wav", wav[:int([1.0, 0.6, 0.9, 1.3][i % 4] * sr)], sr)
             lines.append(json.dumps(dict(path=f"wav/{split}{i}.wav", text=data.make_caption(c["count"], c["pitch"],
-                                                                                              c["kind"], rng))))
+                                                                                            c["kind"], rng))))
         with open(f"{root}/{split}.jsonl", "w") as f:
             f.write("\n".join(lines) + "\n")
     cfg = codec_lib.CodecConfig(sample_rate=sr, ratios=(8, 5, 4, 2), n_filters=4, dimension=8, bins=16, lstm=0)
@@ -1706,7 +1711,8 @@ def test_every_paper_citation_resolves_to_a_heading():
     bad = []
     for name in PY_FILES + ["README.md"]:
         text = open(os.path.join(HERE, name), encoding="utf-8").read()
-        bad += [f"{name}: §{m}" for m in re.findall(r"PAPER\.md §([0-9]+(?:\.[0-9]+)*)", text) if f"§{m}" not in sections]
+        cited = re.findall(r"PAPER\.md §([0-9]+(?:\.[0-9]+)*)", text)
+        bad += [f"{name}: §{m}" for m in cited if f"§{m}" not in sections]
         bad += [f"{name}: {m!r}" for m in re.findall(r'PAPER\.md "([^"]+)"', text) if m not in named]
         bad += [f"{name}: a § without a number" for _ in re.findall(r"PAPER\.md §(?![0-9])", text)]
     assert {"§3.1", "§3.2", "§4.2"} <= sections
