@@ -91,7 +91,10 @@ def xp_config(xp, path):
     """audiocraft's 'xp.cfg' of a released checkpoint -> a plain dict. Exported files hold it as YAML text
     (OmegaConf.to_yaml), older ones as an omegaconf DictConfig, our tests as a dict."""
     if isinstance(xp, str):
-        xp = yaml.safe_load(xp)
+        try:
+            xp = yaml.safe_load(xp)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: 'xp.cfg' is not valid YAML ({str(e).splitlines()[0]})") from None
     elif type(xp).__module__.startswith("omegaconf"):  # then torch_load has imported omegaconf
         from omegaconf import OmegaConf
         xp = OmegaConf.to_container(xp, resolve=False)

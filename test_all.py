@@ -387,6 +387,8 @@ def test_xp_config_reads_yaml_and_dicts():
     assert data.xp_config(cfg, "x.bin") == cfg
     with pytest.raises(ValueError, match="x.bin: 'xp.cfg' is a list, expected a config mapping"):
         data.xp_config([1, 2], "x.bin")
+    with pytest.raises(ValueError, match="x.bin: 'xp.cfg' is not valid YAML"):
+        data.xp_config("a: [1, 2", "x.bin")
 
 
 # ==================================================================================================
