@@ -34,20 +34,71 @@ import yaml
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------- files: atomic writes, safe loads
-def atomic_write(path, content):
+# ----------------------------------------------------------------------------- files: atomic writes, checksums, safe loads
+VERIFY = True  # torch_load checks SHA-256 sidecars; train.py / sample.py --no-verify turn it off
+
+
+def sha256_file(path, chunk=1 << 24):
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_error(path, e):
+    """A failed write (disk full, quota, permissions) -> one OSError naming the file. torch.save reports a failed
+    write as a RuntimeError of its zip writer, whose first line names the cause."""
+    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return OSError(f"cannot write {path}: {reason}")
+
+
+class _HashingFile:
+    """A write-only file object that hashes what passes through it (hash while writing: no second read)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
+
+    def write(self, b):
+        self.sha.update(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:  # torch.save would replace it by an uninformative "unexpected pos"
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write(path, content, checksum=False):
     """Write str / bytes `content`, or call `content(tmp)` to write the file, at a temporary name beside `path`,
     then os.replace: a crash or kill never leaves a half-written file under the real name. The temporary name
-    holds the pid, so ranks writing the same file do not collide; a failed write removes it."""
+    holds the pid, so ranks writing the same file do not collide; a failed write removes it and raises one
+    OSError naming `path` (write_error). checksum: also keep `path.sha256` (lines `<sha256>  <name>`, the
+    sha256sum format) for torch_load to check: while the file is replaced it lists the old and the new digest,
+    so a crash at any moment leaves a file that matches. A callable may return the digest it computed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp, side = f"{path}.{os.getpid()}.tmp", f"{path}.sha256"
     try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        try:
+            if callable(content):
+                digest = content(tmp)
+            else:
+                content = content.encode("utf-8") if isinstance(content, str) else content
+                with open(tmp, "wb") as f:
+                    f.write(content)
+                digest = hashlib.sha256(content).hexdigest()
+        except (OSError, RuntimeError) as e:
+            raise write_error(path, e) from None
+        if checksum:
+            digest = digest or sha256_file(tmp)
+            line = f"{digest}  {os.path.basename(path)}\n"
+            atomic_write(side, line + (open(side).read() if os.path.exists(side) else ""))
         os.replace(tmp, path)
+        if checksum:
+            atomic_write(side, line)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -55,21 +106,46 @@ def atomic_write(path, content):
 
 
 def atomic_save(obj, path):
-    """torch.save, atomically (atomic_write). Saved through a file object, so the archive's inner folder name
-    does not depend on the temporary file name: the same object gives the same bytes."""
+    """torch.save, atomically (atomic_write), with its SHA-256 sidecar computed while writing. Saved through a file
+    object, so the archive's inner folder name does not depend on the temporary file name: the same object gives
+    the same bytes."""
     def save(tmp):
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
-    atomic_write(path, save)
+            out = _HashingFile(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError as e:
+                raise (out.error or e) from None
+        return out.sha.hexdigest()
+    atomic_write(path, save, checksum=True)
 
 
-def torch_load(path, what, mmap=False):
-    """torch.load(weights_only=True) of a file that may come from anyone -> its object. A missing or unreadable
-    file is a one-line error naming it. Older audiocraft files pickle their xp.cfg as an omegaconf DictConfig:
-    those load with exactly the types such a config pickles to allowed (found with torch.serialization.
-    get_unsafe_globals_in_checkpoint), and only when omegaconf is installed."""
+def verify_checksum(path, digests=None):
+    """Raise ValueError naming `path` when its SHA-256 is not one of `digests` (default: those its `.sha256`
+    sidecar lists; no sidecar, e.g. a file someone else wrote: nothing to check)."""
+    side = f"{path}.sha256"
+    if digests is None:
+        if not os.path.isfile(side):
+            return
+        with open(side) as f:
+            digests = [line.split()[0] for line in f if line.strip()]
+    got = sha256_file(path)
+    if got not in digests:
+        raise ValueError(f"{path}: damaged: its SHA-256 {got[:16]}... is not the {digests[0][:16]}... recorded when "
+                         f"it was written ({side if os.path.isfile(side) else 'checksum list'}); restore the file, "
+                         "or pass --no-verify to load it anyway")
+
+
+def torch_load(path, what, mmap=False, verify=None):
+    """torch.load(weights_only=True) of a file that may come from anyone -> its object. A missing, damaged
+    (verify_checksum, unless verify is False or --no-verify) or unreadable file is a one-line error naming it.
+    Older audiocraft files pickle their xp.cfg as an omegaconf DictConfig: those load with exactly the types such
+    a config pickles to allowed (found with torch.serialization.get_unsafe_globals_in_checkpoint), and only when
+    omegaconf is installed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such {what}")
+    if VERIFY if verify is None else verify:
+        verify_checksum(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 -- any failure is the user's file: name it, briefly
@@ -294,10 +370,11 @@ def _parse_line(raw, base):
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"caption ({where}) must be a non-empty string, got {text!r}")
     offset, duration, attrs = d.get("offset", 0.0), d.get("duration"), d.get("attributes")
-    if not isinstance(offset, (int, float)) or offset < 0:
-        raise ValueError(f"'offset' must be a number >= 0, got {offset!r}")
-    if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
-        raise ValueError(f"'duration' must be a number > 0, got {duration!r}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not number(offset) or offset < 0:
+        raise ValueError(f"'offset' must be a finite number >= 0, got {offset!r}")
+    if duration is not None and (not number(duration) or duration <= 0):
+        raise ValueError(f"'duration' must be a finite number > 0, got {duration!r}")
     if attrs is not None and not isinstance(attrs, dict):
         raise ValueError(f"'attributes' must be an object, got {attrs!r}")
     if not os.path.isfile(path):
@@ -307,11 +384,34 @@ def _parse_line(raw, base):
         file_seconds = info.frames / info.samplerate
     except Exception as e:
         raise ValueError(f"unreadable audio file {path}: {e}") from None
+    promised = wav_promised_frames(path)
+    if promised is not None and info.frames < promised:
+        raise ValueError(f"truncated audio file {path}: its header promises {promised} samples, it holds "
+                         f"{info.frames}")
     if file_seconds <= offset:
         raise ValueError(f"'offset' {offset} s is past the end of {path} ({file_seconds:.3f} s)")
     # duration of the usable segment; audiocraft's 'duration' is the file's, so clamp to what is there
     duration = min(duration or math.inf, file_seconds - offset)
     return dict(path=path, text=text.strip(), offset=float(offset), duration=float(duration), attributes=attrs)
+
+
+def wav_promised_frames(path):
+    """Frames a RIFF/WAVE file's header promises (its data chunk's size / block align), or None for other formats
+    and unset sizes. libsndfile silently reports what is there, so a truncated copy is found only this way."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"RIFF" or f.read(8)[4:] != b"WAVE":
+            return None
+        align = None
+        while len(chunk := f.read(8)) == 8:
+            cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"fmt ":
+                fmt = f.read(size + size % 2)
+                align = int.from_bytes(fmt[12:14], "little")
+            elif cid == b"data":
+                return size // align if align and 0 < size < 0xFFFFFFFF else None
+            else:
+                f.seek(size + size % 2, 1)  # chunks are word-aligned
+    return None
 
 
 def read_manifest(path, skip_bad=False):
@@ -340,11 +440,15 @@ def read_manifest(path, skip_bad=False):
 
 
 def load_audio(path, sample_rate, offset=0.0, duration=None):
-    """Read [offset, offset + duration) s of a file -> (1, N) float32 mono at sample_rate (soxr)."""
+    """Read [offset, offset + duration) s of a file -> (1, N) float32 mono at sample_rate (soxr). ValueError on
+    non-finite samples (a float file can hold them; they would make the loss NaN)."""
     info = sf.info(path)
     start = int(round(offset * info.samplerate))
     frames = -1 if duration is None else int(round(duration * info.samplerate))
     x = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)[0].mean(1)  # (n, C) -> (n,)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: holds NaN or infinite samples (at {np.flatnonzero(~np.isfinite(x))[0] + start} "
+                         f"of {info.frames})")
     if info.samplerate != sample_rate:
         n = int(round(len(x) * sample_rate / info.samplerate))
         x = soxr.resample(x, info.samplerate, sample_rate, quality="HQ")[:n]
@@ -470,17 +574,48 @@ class AudioSource:
         return codes, mask, b["text"]
 
 
+def file_digest(path):
+    """SHA-256 of a file: the one its sidecar recorded when it was written (no read), else computed."""
+    side = f"{path}.sha256"
+    if os.path.isfile(side):
+        lines = open(side).read().split("\n")
+        if len([x for x in lines if x.strip()]) == 1:
+            return lines[0].split()[0]
+    return sha256_file(path)
+
+
+def data_digest(manifest, items):
+    """SHA-256 over the manifest's bytes and each audio file's path, size and mtime: it changes when a line or an
+    audio file does."""
+    with open(manifest, "rb") as f:
+        h = hashlib.sha256(f.read())
+    for it in items:
+        st = os.stat(it["path"])
+        h.update(f"{it['path']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def cache_tokens(manifest, codec, cfg, rank, world, device):
-    """Encode every item of the manifest once, whole (ranks share the work) -> path of the cache file. Reused while
-    the manifest and the codec file are unchanged. cfg: train.py's TrainConfig (codec, cache_dir, run_dir, skip_bad)."""
+    """Encode every item of the manifest once, whole (ranks share the work) -> path of the cache file. Keyed on
+    content: reused while the manifest's bytes, its audio files (size, mtime) and the codec file (SHA-256) are
+    unchanged; a stale or damaged cache is rebuilt, with one line saying why. cfg: train.py's TrainConfig (codec,
+    cache_dir, run_dir, skip_bad)."""
     items, _ = read_manifest(manifest, skip_bad=cfg.skip_bad)
-    stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)]
-    meta = dict(manifest=stat(manifest), codec=stat(cfg.codec), n_items=len(items))
-    key = hashlib.sha1(f"{meta['manifest'][0]}|{meta['codec'][0]}".encode()).hexdigest()[:10]
+    meta = dict(data=data_digest(manifest, items), codec=file_digest(cfg.codec), n_items=len(items))
+    key = hashlib.sha1(f"{os.path.abspath(manifest)}|{os.path.abspath(cfg.codec)}".encode()).hexdigest()[:10]
     path = os.path.join(cfg.cache_dir or os.path.join(cfg.run_dir, "tokens"),
                         f"{os.path.basename(manifest).split('.')[0]}-{key}.pt")
-    if os.path.exists(path) and torch_load(path, "token cache", mmap=True)["meta"] == meta:
-        return path
+    if os.path.exists(path):
+        try:
+            old = torch_load(path, "token cache", mmap=True)["meta"]
+            why = next((f"the {what} changed" for what, k in (("manifest or its audio files", "data"),
+                                                              ("codec", "codec")) if old.get(k) != meta[k]), None)
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"unreadable ({str(e)[:200]})"
+        if why is None:
+            return path
+        if rank == 0:
+            tqdm.write(f"token cache {path}: {why}; rebuilding it")
     index, codes, err = [], [], None
     for i in tqdm(range(rank, len(items), world), desc=f"cache tokens {os.path.basename(manifest)}", disable=rank != 0):
         it = items[i]
@@ -511,6 +646,7 @@ def cache_tokens(manifest, codec, cfg, rank, world, device):
                          texts=[items[i]["text"] for i in keep]), path)
         for r in range(world):
             os.remove(f"{path}.rank{r}")
+            os.remove(f"{path}.rank{r}.sha256")
     dist.barrier()
     return path
 

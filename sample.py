@@ -154,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--no-ema", action="store_true", help="use the raw LM weights instead of the EMA")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the checkpoint files")
     args = ap.parse_args(argv)
 
     def fail(msg):
@@ -168,16 +169,25 @@ def main(argv=None):
     blank = [i for i, p in enumerate(args.prompts) if not p.strip()]
     if blank:
         fail(f"prompt(s) {blank} are empty")
-    if args.duration is not None and not args.duration > 0:
-        fail(f"--duration must be > 0 seconds, got {args.duration}")
-    if (args.top_k is not None and args.top_k < 0) or not 0 <= args.top_p <= 1 or args.temperature < 0 \
-            or args.batch_size < 1:
-        fail("need --top-k >= 0, 0 <= --top-p <= 1, --temperature >= 0, --batch-size >= 1")
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        fail(f"--duration {args.duration}: expected a finite number of seconds > 0")
+    if args.cfg_coef is not None and not math.isfinite(args.cfg_coef):
+        fail(f"--cfg-coef {args.cfg_coef}: expected a finite number")
+    if (args.top_k is not None and args.top_k < 0) or not 0 <= args.top_p <= 1 or not 0 <= args.temperature < \
+            math.inf or args.batch_size < 1:
+        fail("need --top-k >= 0, 0 <= --top-p <= 1, a finite --temperature >= 0, --batch-size >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device} but CUDA is not available")
     src = args.ckpt or args.musicgen
     if not os.path.exists(src):
         fail(f"{'run' if args.ckpt else 'MusicGen directory'} not found: {src}")
+    out = args.out or (os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
+                       if args.ckpt else "samples")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create the output directory ({e.strerror or e})")
+    verify_before, data.VERIFY = data.VERIFY, not args.no_verify
     try:
         defaults = run_defaults(args.ckpt)
         duration = args.duration or defaults["duration"]
@@ -190,9 +200,8 @@ def main(argv=None):
         num_frames_for(duration, codec.frame_rate, lm.cfg.max_frames)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    out = args.out or (os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "samples")
-                       if args.ckpt else "samples")
-    os.makedirs(out, exist_ok=True)
+    finally:
+        data.VERIFY = verify_before
     gen = torch.Generator(device=next(lm.parameters()).device).manual_seed(args.seed)
     for i0 in range(0, len(args.prompts), args.batch_size):
         batch = args.prompts[i0:i0 + args.batch_size]

@@ -5,16 +5,20 @@ Run: python -m pytest -q test_all.py
 import dataclasses
 from dataclasses import asdict, replace
 import gzip
+import io
 import json
 import math
 import os
+import pickle
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 import numpy as np
 import pytest
@@ -267,6 +271,8 @@ def _bad_cases(tmp_path):
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage, not audio" * 10)
     _write(tmp_path / "nodesc.wav", np.zeros(1600, np.float32))
     (tmp_path / "nodesc.json").write_text(json.dumps(dict(title="no description")))
+    whole = _write(tmp_path / "whole.wav", np.zeros(1600, np.float32), subtype="PCM_16")
+    (tmp_path / "truncated.wav").write_bytes(open(whole, "rb").read()[:2000])  # a copy cut short
     return {
         "malformed": ('{"path": "ok.wav", "text": "x"', "malformed JSON"),
         "missing": (json.dumps(dict(path="gone.wav", text="x")), "not found"),
@@ -277,6 +283,9 @@ def _bad_cases(tmp_path):
         "nodesc": (json.dumps(dict(path="nodesc.wav", duration=0.1)), "'description'"),
         "nopath": (json.dumps(dict(text="x")), "'path'"),
         "offset": (json.dumps(dict(path="ok.wav", text="x", offset=5.0)), "past the end"),
+        "truncated": (json.dumps(dict(path="truncated.wav", text="x")), "truncated audio file"),
+        "textduration": (json.dumps(dict(path="ok.wav", text="x", duration="2.0")), "'duration' must be a finite"),
+        "nanduration": ('{"path": "ok.wav", "text": "x", "duration": NaN}', "'duration' must be a finite number"),
     }
 
 
@@ -319,6 +328,14 @@ def test_decode_failure_after_reading_names_the_file(tmp_path):
     assert p in str(e.value) and "line 1" in str(e.value) and "cannot decode" in str(e.value)
 
 
+def test_non_finite_samples_are_an_error(tmp_path):
+    x = np.zeros(1600, np.float32)
+    x[700] = np.nan
+    p = _write(tmp_path / "nan.wav", x)
+    with pytest.raises(ValueError, match="nan.wav: holds NaN or infinite samples \\(at 700 of 1600\\)"):
+        data.load_audio(p, SR)
+
+
 def test_atomic_writes(tmp_path):
     p = str(tmp_path / "sub" / "ckpt.pt")
     data.atomic_save({"w": torch.arange(3)}, p)
@@ -342,7 +359,38 @@ def test_atomic_write_that_fails_keeps_the_old_file(tmp_path):
     with pytest.raises(OSError, match="No space"):
         data.atomic_write(p, half_then_crash)
     assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(3))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no temporary file left behind
+
+
+def test_checksum_sidecar_catches_a_flipped_byte(tmp_path):
+    p = str(tmp_path / "w.pt")
+    data.atomic_save({"w": torch.arange(1000.0)}, p)
+    digest, name = open(p + ".sha256").read().split()
+    assert name == "w.pt" and digest == data.sha256_file(p)  # `sha256sum -c w.pt.sha256` checks it too
+    b = bytearray(open(p, "rb").read())
+    b[len(b) // 2] ^= 1  # inside the tensor data: torch.load alone would not notice
+    open(p, "wb").write(bytes(b))
+    assert torch.load(p, weights_only=True)["w"].shape == (1000,)
+    with pytest.raises(ValueError, match="w.pt: damaged: its SHA-256"):
+        data.torch_load(p, "test file")
+    assert data.torch_load(p, "test file", verify=False)["w"].shape == (1000,)  # --no-verify
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    """A real failed write: a file-size limit (RLIMIT_FSIZE) makes write() fail with EFBIG, as a full disk
+    does with ENOSPC."""
+    p = str(tmp_path / "ckpt.pt")
+    data.atomic_save({"w": torch.arange(3)}, p)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, old_limit[1]))
+        with pytest.raises(OSError, match=r"^cannot write .*ckpt.pt: File too large$"):
+            data.atomic_save({"w": torch.zeros(100_000)}, p)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert torch.equal(data.torch_load(p, "test file")["w"], torch.arange(3))  # old file and its checksum intact
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]
 
 
 def test_torch_load_names_the_file_and_refuses_pickled_code(tmp_path):
@@ -649,7 +697,8 @@ def test_training_lowers_loss_resumes_and_evaluates(toy_manifests, tmp_path, mon
     full = codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "a"), steps=12, save_every=100, **kw)
     trained = codec_lib.load_codec(full)
     after = codec_lib.validate(trained, ds, msspec)
-    assert after["msspec"] < first["msspec"] and after["l1"] < first["l1"]
+    # the mel term carries 2 / 2.1 of the balancer's weight; after 12 steps L1 may still rise (it did on AMD Zen 3)
+    assert after["msspec"] < 0.9 * first["msspec"] and math.isfinite(after["l1"])
     # an interrupted run resumed from codec_state.pt ends with the same weights as the uninterrupted one
     codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=7, save_every=100, **kw)
     resumed = codec_lib.train_codec(toy_manifests["train"], str(tmp_path / "b"), steps=12, resume=True, **kw)
@@ -849,6 +898,22 @@ def test_t5_bad_directories(tmp_path, t5_toy_dir):
         json.dump(bad, open(d / "config.json", "w"))
         with pytest.raises(ValueError, match=match):
             text_encoder.load_t5(str(d))
+    for name, how, match in (("spiece.model", "garble", "spiece.model: not a sentencepiece model"),
+                             ("model.safetensors", "truncate", "model.safetensors: not a readable safetensors file"),
+                             ("model.safetensors", "flip", "model.safetensors: damaged: its SHA-256")):
+        d = tmp_path / f"{how}_{name}"
+        shutil.copytree(t5_toy_dir, d)
+        b = bytearray((d / name).read_bytes())
+        b = b[:len(b) // 2] if how == "truncate" else b"\xff" * 16 + b[16:] if how == "garble" else b
+        if how == "flip":
+            b[len(b) // 2] ^= 1
+        (d / name).write_bytes(bytes(b))
+        data.VERIFY = how == "flip"  # a garbled or cut file is named even without a checksum (foreign files)
+        try:
+            with pytest.raises(ValueError, match=match):
+                text_encoder.load_t5(str(d))
+        finally:
+            data.VERIFY = True
 
 
 def test_t5_empty_caption_truncation_and_frozen(t5_toy_dir):
@@ -1188,14 +1253,19 @@ def _lm_write_run(tmp_path, lm_sd, lm_config):
     ([], "exactly one of --ckpt"),
     (["--ckpt", "RUN"], "no prompts"),
     (["--ckpt", "RUN", "ok", "  "], r"prompt\(s\) \[1\] are empty"),
-    (["--ckpt", "RUN", "--duration", "0", "x"], "--duration must be > 0"),
+    (["--ckpt", "RUN", "--duration", "0", "x"], "--duration 0.0: expected a finite number of seconds > 0"),
+    (["--ckpt", "RUN", "--duration", "inf", "x"], "--duration inf: expected a finite"),
+    (["--ckpt", "RUN", "--cfg-coef", "nan", "x"], "--cfg-coef nan: expected a finite number"),
+    (["--ckpt", "RUN", "--cfg-coef", "inf", "x"], "--cfg-coef inf: expected a finite number"),
+    (["--ckpt", "RUN", "--out", "RUN/lm.pt", "x"], "--out .*lm.pt: cannot create the output directory"),
     (["--ckpt", "RUN", "--top-p", "1.5", "x"], "top-p"),
     (["--musicgen", "RUN", "x"], "needs --t5"),
     (["--ckpt", "MISSING", "x"], "run not found"),
 ])
 def test_sample_cli_rejects_bad_input(tmp_path, argv, msg):
     _lm_write_run(tmp_path, _lm_tiny_model().state_dict(), {})
-    argv = [str(tmp_path) if a == "RUN" else str(tmp_path / "missing") if a == "MISSING" else a for a in argv]
+    argv = [a.replace("RUN", str(tmp_path)) if a.startswith("RUN") else str(tmp_path / "missing") if a == "MISSING"
+            else a for a in argv]
     with pytest.raises(SystemExit, match=msg):
         sample.main(argv)
 
@@ -1494,7 +1564,7 @@ def test_run_sampling_defaults_reach_generate_audio(reference, tmp_path, monkeyp
     ckpt["train_config"].update(sample_cfg_coef=1.25, sample_top_k=7)
     other = tmp_path / "other"
     shutil.copytree(run, other)
-    torch.save(ckpt, other / "lm.pt")
+    data.atomic_save(ckpt, str(other / "lm.pt"))  # rewrites its SHA-256 sidecar too
     assert sample.run_defaults(str(other)) == dict(duration=0.64, cfg_coef=1.25, top_k=7)
     sample.main(["--ckpt", str(other), "--duration", "0.2", "x"])
     assert (calls[-1]["cfg_coef"], calls[-1]["top_k"]) == (1.25, 7)
@@ -1538,6 +1608,195 @@ def test_bad_inputs(tiny, reference, tmp_path):
         train.main(_args(tiny, tmp_path / "c", "--manifest", str(bad)))
     with pytest.raises(SystemExit, match="config differs in lr \\(saved 0.002, now 0.01\\), rr_weight"):
         train.main(_args(tiny, reference[0], "--micro-batch", "4", "--lr", "0.01", "--rr-weight", "1"))
+
+
+def _flip_byte(path, at=0.5):
+    b = bytearray(open(path, "rb").read())
+    b[int(len(b) * at)] ^= 1
+    open(path, "wb").write(bytes(b))
+
+
+def _partial_run(tiny, run, steps=3, *extra):
+    train.main(_args(tiny, run, "--micro-batch", "4", "--max-steps-this-run", str(steps), *extra))
+    return run
+
+
+def test_resume_refuses_crafted_checkpoint_metadata(tiny, tmp_path):
+    """A run directory from someone else: .metadata replaced by a pickle that runs code, SHA256SUMS rewritten to
+    match. Resuming refuses it and nothing runs; so does a crafted non-tensor value (the optimizer's lr)."""
+    run = _partial_run(tiny, tmp_path / "run")
+    pickle_path = run / "state" / ".metadata"
+    with open(pickle_path, "wb") as f:
+        pickle.dump(_Evil(str(tmp_path / "pwned")), f)
+    sums = run / "state" / "SHA256SUMS"
+    sums.write_text("".join(f"{data.sha256_file(str(run / 'state' / n))}  {n}\n" for _, n in
+                            (line.split() for line in sums.read_text().splitlines())))
+    with pytest.raises(SystemExit, match=r"\.metadata: refused: not checkpoint metadata torch wrote \(os.makedirs is "
+                                         "not a type of checkpoint metadata"):
+        train.main(_args(tiny, run, "--micro-batch", "4"))
+    assert not (tmp_path / "pwned").exists()
+    buf = io.BytesIO()
+    torch.save(_Evil(str(tmp_path / "pwned2")), buf)
+    buf.seek(0)
+    item = types.SimpleNamespace(dest_index=types.SimpleNamespace(fqn="optim.param_groups.0.lr"))
+    with pytest.raises(ValueError, match="refused checkpoint value optim.param_groups.0.lr"):
+        train.SafePlanner().load_bytes(item, buf)
+    assert not (tmp_path / "pwned2").exists()
+
+
+def test_a_flipped_byte_in_any_checkpoint_file_is_named(tiny, reference, tmp_path):
+    for name in sorted(os.listdir(os.path.join(reference[0], "state"))):
+        if name == "SHA256SUMS":
+            continue
+        run = tmp_path / name.strip(".")
+        shutil.copytree(reference[0], run)
+        _flip_byte(run / "state" / name)
+        with pytest.raises(SystemExit, match=f"state/{re.escape(name)}: damaged: its SHA-256"):
+            train.main(_args(tiny, run, "--micro-batch", "4", "--steps", "9"))
+    run = tmp_path / "lm"
+    shutil.copytree(reference[0], run)
+    _flip_byte(run / "lm.pt")
+    with pytest.raises(SystemExit, match="lm.pt: damaged: its SHA-256"):
+        sample.main(["--ckpt", str(run), "--duration", "0.2", "x"])
+    sample.main(["--ckpt", str(run), "--duration", "0.2", "--no-verify", "x"])  # the user's call: it loads
+    c = tmp_path / "codec.pt"
+    data.atomic_save(torch.load(f"{tiny}/codec.pt", weights_only=True), str(c))
+    _flip_byte(c, 0.9)
+    with pytest.raises(ValueError, match="codec.pt: damaged"):
+        codec_lib.load_codec(str(c))
+
+
+def test_stale_or_damaged_token_cache_is_rebuilt(tiny, tmp_path, capsys):
+    own = tmp_path / "data"
+    shutil.copytree(tiny, own, ignore=shutil.ignore_patterns("t5"))
+    args = lambda *x: _args(tiny, tmp_path / "run", "--manifest", str(own / "train.jsonl"), "--steps", "1", *x)
+    train.main(args())
+    cache = next(p for p in (tmp_path / "run" / "tokens").glob("train-*.pt"))
+    before = torch.load(cache, weights_only=True)["codes"].clone()
+    capsys.readouterr()
+    wav, sr = sf.read(own / "wav" / "train0.wav", dtype="float32")
+    sf.write(own / "wav" / "train0.wav", wav[::-1].copy(), sr)  # new audio under the same manifest
+    train.main(args("--run-dir", str(tmp_path / "run2"), "--cache-dir", str(tmp_path / "run" / "tokens")))
+    assert "the manifest or its audio files changed; rebuilding it" in capsys.readouterr().out
+    after = torch.load(cache, weights_only=True)["codes"]
+    assert not torch.equal(before, after)
+    _flip_byte(cache)
+    train.main(args("--run-dir", str(tmp_path / "run3"), "--cache-dir", str(tmp_path / "run" / "tokens")))
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "damaged: its SHA-256" in out and "rebuilding it" in out
+    assert torch.equal(torch.load(cache, weights_only=True)["codes"], after)  # rebuilt, the same tokens
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--grad-clip", "-1"], "--grad-clip -1.0: expected > 0"),
+    (["--grad-clip", "0"], "--grad-clip 0.0: expected > 0"),
+    (["--ema-decay", "2"], r"--ema-decay 2.0: expected in \[0, 1\)"),
+    (["--lr", "-1"], "--lr -1.0: expected > 0 and finite"),
+    (["--lr", "nan"], "--lr nan: expected > 0 and finite"),
+    (["--threads", "-1"], "--threads -1: expected >= 0"),
+    (["--global-batch", "1", "--micro-batch", "1"], "--global-batch 1: the RR loss contrasts the samples of a batch"),
+    (["--device", "cuda"], "--device 'cuda': this machine has no CUDA device"),
+    (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--segment-seconds", "inf"], "--segment-seconds inf: expected > 0 and finite"),
+    (["--segment-seconds", "1000", "--codec", "", "--run-dir", "RUN"], "--segment-seconds 1000.0: 50000 codec frames, "
+                                                                      "the LM has positions for 1500"),
+    (["--segment-seconds", "70"], "--segment-seconds 70.0: 1750 codec frames, the LM has positions for 1500"),
+])
+def test_bad_values_are_refused_before_any_work(tiny, tmp_path, flags, msg):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    flags = [str(tmp_path / "run") if f == "RUN" else f for f in flags]
+    with pytest.raises(SystemExit, match=msg):
+        train.main(_args(tiny, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()  # nothing was written: no cache, no codec, no checkpoint
+
+
+def test_sigint_saves_and_resumes_the_same_trajectory(tiny, reference, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *_args(tiny, tmp_path, "--micro-batch", "4")]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mfile, t0 = tmp_path / "metrics.jsonl", time.time()
+    while p.poll() is None and time.time() - t0 < 120:
+        if mfile.exists() and len(mfile.read_text().splitlines()) >= 2:
+            p.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "Ctrl-C: saving after this step" in out and "(SIGINT)" in out
+    stopped = len(_metrics(tmp_path))
+    assert 2 <= stopped < 8
+    with open(tmp_path / "state" / "train_state.json") as f:
+        assert json.load(f)["step"] == stopped
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4"))
+    _same_losses(reference[1], _metrics(tmp_path), 1e-6)
+
+
+def test_stop_between_micro_batches_drops_the_step(tiny, reference, tmp_path, monkeypatch):
+    """A stop flagged inside a step (after its first micro-batch) saves at once at the last whole step; the resumed
+    run redoes that step and matches the uninterrupted one."""
+    real, calls = train.lm_forward, []
+
+    def flag_on_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 2 * 2 + 1:  # step 3's first micro-batch (2 per step, no CFG pre-pass on these steps)
+            train.STOP["flag"], train.STOP["signal"] = True, "SIGTERM"
+        return real(*a, **k)
+    monkeypatch.setattr(train, "lm_forward", flag_on_step_3)
+    train.main(_args(tiny, tmp_path, "--micro-batch", "2", "--cfg-prob", "0", "--rr-weight", "0"))
+    with open(tmp_path / "state" / "train_state.json") as f:
+        assert json.load(f)["step"] == 2 == len(_metrics(tmp_path))
+    monkeypatch.setattr(train, "lm_forward", real)
+    train.main(_args(tiny, tmp_path, "--micro-batch", "2", "--cfg-prob", "0", "--rr-weight", "0"))
+    full = tmp_path / "full"
+    train.main(_args(tiny, full, "--micro-batch", "2", "--cfg-prob", "0", "--rr-weight", "0"))
+    _same_losses(_metrics(full), _metrics(tmp_path), 1e-6)
+
+
+def test_torn_metrics_line_is_dropped_and_a_moved_run_resumes(tiny, reference, tmp_path, capsys):
+    run = _partial_run(tiny, tmp_path / "a")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 3.1')  # a power loss mid-write
+    moved = tmp_path / "elsewhere" / "b"
+    os.makedirs(moved.parent)
+    shutil.move(str(run), str(moved))
+    train.main(_args(tiny, moved, "--micro-batch", "4"))
+    assert "metrics.jsonl line 4 is torn" in capsys.readouterr().out
+    _same_losses(reference[1], _metrics(moved), 1e-6)
+
+
+def test_resume_refuses_a_changed_manifest_before_any_work(tiny, tmp_path):
+    own = tmp_path / "data"
+    shutil.copytree(tiny, own, ignore=shutil.ignore_patterns("t5"))
+    run = _partial_run(tiny, tmp_path / "run", 3, "--manifest", str(own / "train.jsonl"))
+    with open(own / "train.jsonl", "a") as f:
+        f.write(open(own / "train.jsonl").read().splitlines()[0] + "\n")  # the manifest grew
+    with pytest.raises(SystemExit, match="config differs in the contents of .*train.jsonl \\(it changed since step 3"):
+        train.main(_args(tiny, run, "--micro-batch", "4", "--manifest", str(own / "train.jsonl")))
+    valid2 = tmp_path / "valid2.jsonl"
+    shutil.copy(f"{tiny}/valid.jsonl", valid2)
+    tokens = sorted(os.listdir(run / "tokens"))
+    with pytest.raises(SystemExit, match="config differs in .*valid_manifest \\(saved"):
+        train.main(_args(tiny, run, "--micro-batch", "4", "--valid-manifest", str(valid2)))
+    assert sorted(os.listdir(run / "tokens")) == tokens  # refused before its tokens were cached
+
+
+def test_full_disk_at_a_checkpoint_stops_with_one_line_and_keeps_the_last(tiny, tmp_path):
+    run = _partial_run(tiny, tmp_path / "run", 2)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:  # files may not grow past 20 kB: metrics.jsonl can, lm.pt (~300 kB) cannot
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old_limit[1]))
+        with pytest.raises(SystemExit, match=r"cannot write .*lm.pt: File too large; stopped at step 4, the last good "
+                                             r"checkpoint \(step 2\)"):
+            train.main(_args(tiny, run, "--micro-batch", "4", "--save-every", "4"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    with open(run / "state" / "train_state.json") as f:
+        assert json.load(f)["step"] == 2
+    assert data.torch_load(str(run / "lm.pt"), "lm.pt")["step"] == 2  # intact, and its checksum matches
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    train.main(_args(tiny, run, "--micro-batch", "4"))  # resumes from step 2
+    assert len(_metrics(run)) == 8
 
 
 # ==================================================================================================
@@ -1735,7 +1994,8 @@ def test_train_flags_live_in_train_config():
     assert all(m["help"] for m in flags.values())
     assert {k for k, m in flags.items() if m["resume_free"]} == {
         "eval_every", "save_every", "max_steps_this_run", "samples", "device", "micro_batch", "cache_tokens",
-        "cache_dir", "test_manifest", "skip_bad", "threads", "sample_cfg_coef", "sample_top_k"}
+        "cache_dir", "test_manifest", "skip_bad", "threads", "sample_cfg_coef", "sample_top_k", "run_dir",
+        "pg_timeout_minutes", "verify"}
     assert set(train.PRESETS["toy"]) <= set(flags)
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
     help_text = " ".join(p.stdout.split())

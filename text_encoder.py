@@ -148,7 +148,10 @@ class T5Tokenizer:
     pad_id, eos_id, unk_id = 0, 1, 2
 
     def __init__(self, path, max_length=512):
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0][:200]})") from None
         got = (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id())
         if got != (0, 1, 2):
             raise ValueError(f"{path}: (pad, eos, unk) ids are {got}, expected T5's (0, 1, 2)")
@@ -234,8 +237,14 @@ def _read_encoder_weights(directory):
     sd = {}
     for shard in shards:
         if shard.endswith(".safetensors"):
-            with safe_open(shard, framework="pt") as f:
-                sd.update({k: f.get_tensor(k) for k in f.keys() if wanted(k)})
+            if data.VERIFY:
+                data.verify_checksum(shard)  # files we wrote (the toy T5) carry a .sha256
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    sd.update({k: f.get_tensor(k) for k in f.keys() if wanted(k)})
+            except Exception as e:  # noqa: BLE001 -- safetensors' own error types: name the file, one line
+                raise ValueError(f"{shard}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") \
+                    from None
         else:
             sd.update({k: v for k, v in data.torch_load(shard, "T5 weights file").items() if wanted(k)})
     alias = sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; some files hold only one
@@ -252,6 +261,8 @@ def load_t5(directory, device="cpu", max_length=512, finetune=False):
         if not os.path.isfile(os.path.join(directory, name)):
             raise FileNotFoundError(f"{directory}: missing {name} (expected a HF-format T5 directory)")
     cfg = config_from_json(os.path.join(directory, "config.json"))
+    if data.VERIFY:
+        data.verify_checksum(os.path.join(directory, "spiece.model"))
     tok = T5Tokenizer(os.path.join(directory, "spiece.model"), max_length)
     if len(tok) > cfg.vocab_size:
         raise ValueError(f"{directory}: spiece.model has {len(tok)} pieces, config.json vocab_size {cfg.vocab_size}")
@@ -313,10 +324,11 @@ def make_toy_t5(directory, captions, seed=0):
               num_decoder_layers=cfg.num_layers, dropout_rate=0.0,  # 0: we never use dropout
               initializer_factor=1.0, is_encoder_decoder=False, is_decoder=False, pad_token_id=0,
               eos_token_id=1, tie_word_embeddings=True, use_cache=False, dtype="float32")
-    data.atomic_write(os.path.join(directory, "spiece.model"), buf.getvalue())
+    data.atomic_write(os.path.join(directory, "spiece.model"), buf.getvalue(), checksum=True)
     weights = os.path.join(directory, "model.safetensors")
     # "format" is read by transformers
-    data.atomic_write(weights, lambda tmp: save_file(model.state_dict(), tmp, metadata={"format": "pt"}))
+    data.atomic_write(weights, lambda tmp: save_file(model.state_dict(), tmp, metadata={"format": "pt"}),
+                      checksum=True)
     # config.json last: callers (train.py) take its presence to mean the directory is complete.
     data.atomic_write(os.path.join(directory, "config.json"), json.dumps(hf, indent=2, sort_keys=True) + "\n")
 

@@ -18,13 +18,16 @@ Every term is normalised by global counts, so losses and gradients do not depend
 gradient accumulation (a test checks 2 ranks against 1). The frozen codec and T5 sit outside the FSDP2-sharded LM.
 A run directory holds: lm.pt (full LM + EMA + configs, what sample.py loads), state/ (DCP resumable state: model,
 optimizer, EMA, RNG; step = data position), metrics.jsonl, tokens/ (cached codec tokens), samples/ (toy).
-Restarting the same command resumes from state/; SIGTERM saves and exits cleanly.
+Restarting the same command resumes from state/ (also from a moved run dir); SIGTERM or Ctrl-C saves and exits
+cleanly. Resuming reads only what restricted unpicklers admit, and checks every file's SHA-256 first.
 """
 import argparse
+import datetime
 import functools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -33,6 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -59,7 +64,7 @@ def flag(default, help, resume_free=False):
 class TrainConfig:  # defaults: the paper's setup for sound (PAPER.md §4.2); PRESETS override them
     preset: str = flag("toy", "toy | audiogen-16khz | musicgen-32khz: sets every default below")
     run_dir: str = flag("runs/toy", "output directory (lm.pt, state/, metrics.jsonl, tokens/, samples/); an "
-                        "existing state/ is resumed")
+                        "existing state/ is resumed, also after the directory was moved", resume_free=True)
     manifest: str = flag("", "training manifest (data.py's JSONL or audiocraft's); toy: data/toy/train.jsonl, "
                          "made if missing")
     valid_manifest: str = flag("", "validation manifest (loss every --eval-every steps); toy: data/toy/valid.jsonl")
@@ -115,6 +120,10 @@ class TrainConfig:  # defaults: the paper's setup for sound (PAPER.md §4.2); PR
                         resume_free=True)
     device: str = flag("", "cpu or cuda (default: cuda:LOCAL_RANK when available)", resume_free=True)
     threads: int = flag(0, "torch CPU threads per process (0: torch's default)", resume_free=True)
+    pg_timeout_minutes: float = flag(10.0, "process-group timeout: a hung rank stops the others after this long "
+                                     "(gloo's default is 30)", resume_free=True)
+    verify: bool = flag(True, "check the SHA-256 of every checkpoint and cache file on load (--no-verify: skip; "
+                        "hashing 1.2 GB costs about a second)", resume_free=True)
 
 
 PRESETS = {
@@ -129,6 +138,56 @@ PRESETS = {
     "audiogen-16khz": dict(run_dir="runs/audiogen-16khz", segment_seconds=10.0, cfg_prob=0.1),
     "musicgen-32khz": dict(run_dir="runs/musicgen-32khz", segment_seconds=30.0, cfg_prob=0.3, lr=1e-4),
 }
+
+
+def value_problems(cfg):
+    """Every out-of-range value of cfg, as '--flag VALUE: expected RANGE' (checked before any work)."""
+    between = lambda lo, x, hi: lo <= x <= hi  # False for NaN
+    checks = [
+        ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "> 0 and finite"),
+        ("grad-clip", cfg.grad_clip > 0, "> 0 (a gradient-norm bound; inf: no clipping)"),
+        ("ema-decay", 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+        ("weight-decay", cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay), ">= 0 and finite"),
+        ("cfg-prob", between(0, cfg.cfg_prob, 1), "in [0, 1]"),
+        ("rr-weight", cfg.rr_weight >= 0 and math.isfinite(cfg.rr_weight), ">= 0 and finite"),
+        ("rr-pool", cfg.rr_pool in ("max", "mean"), "'max' or 'mean'"),
+        ("sample-cfg-coef", math.isfinite(cfg.sample_cfg_coef), "finite"),
+        ("sample-top-k", cfg.sample_top_k >= 0, ">= 0"),
+        ("segment-seconds", 0 < cfg.segment_seconds < math.inf, "> 0 and finite"),
+        ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
+        ("pg-timeout-minutes", cfg.pg_timeout_minutes > 0, "> 0"),
+        *[(k, getattr(cfg, k.replace("-", "_")) >= 1, ">= 1")
+          for k in ("steps", "global-batch", "ema-every", "eval-every", "save-every")],
+        *[(k, getattr(cfg, k.replace("-", "_")) >= 0, ">= 0") for k in ("warmup", "micro-batch", "max-steps-this-run",
+                                                                       "samples")],
+    ]
+    out = [f"--{k} {getattr(cfg, k.replace('-', '_'))!r}: expected {want}" for k, ok, want in checks if not ok]
+    if cfg.cfg_prob > 0 and cfg.rr_weight > 0 and cfg.global_batch < 2:
+        out.append(f"--global-batch {cfg.global_batch}: the RR loss contrasts the samples of a batch, so it needs >= 2 "
+                   "(or --rr-weight 0 / --cfg-prob 0)")
+    if cfg.device:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            out.append(f"--device {cfg.device!r}: expected cpu, cuda or cuda:N")
+        elif dev.type == "cuda" and not torch.cuda.is_available():
+            out.append(f"--device {cfg.device!r}: this machine has no CUDA device (torch {torch.__version__}); use "
+                       "--device cpu")
+    if cfg.preset == "toy" and cfg.codec == os.path.join(cfg.run_dir, "codec", "codec.pt"):  # known before training it
+        frames = cfg.segment_seconds * codec_lib.CODEC_PRESETS["toy"].sample_rate / math.prod(
+            codec_lib.CODEC_PRESETS["toy"].ratios)
+        positions = lm_lib.LM_PRESETS.get(cfg.lm_preset, {}).get("max_frames", lm_lib.LMConfig.max_frames)
+        if frames > positions:
+            out.append(segment_problem(cfg, math.ceil(frames), positions))
+    return out
+
+
+def segment_problem(cfg, frames, positions):
+    return (f"--segment-seconds {cfg.segment_seconds}: {frames} codec frames, the LM has positions for {positions}; "
+            f"expected <= {positions} frames")
 
 
 def parse_config(argv=None):
@@ -152,18 +211,7 @@ def parse_config(argv=None):
     cfg.codec = cfg.codec or (os.path.join(cfg.run_dir, "codec", "codec.pt") if toy else "")
     cfg.t5 = cfg.t5 or (os.path.join(cfg.run_dir, "t5") if toy else "")
     problems = [f"--{k.replace('_', '-')} is required for preset {preset!r}" for k in ("manifest", "codec", "t5")
-                if not getattr(cfg, k)]
-    if cfg.rr_pool not in ("max", "mean"):
-        problems.append(f"--rr-pool must be 'max' or 'mean', got {cfg.rr_pool!r}")
-    if not 0 <= cfg.cfg_prob <= 1 or cfg.rr_weight < 0:
-        problems.append(f"need 0 <= --cfg-prob <= 1 and --rr-weight >= 0, got {cfg.cfg_prob}, {cfg.rr_weight}")
-    if cfg.sample_top_k < 0 or not math.isfinite(cfg.sample_cfg_coef):
-        problems.append(f"need --sample-top-k >= 0 and a finite --sample-cfg-coef, got {cfg.sample_top_k}, "
-                        f"{cfg.sample_cfg_coef}")
-    if min(cfg.steps, cfg.global_batch, cfg.ema_every, cfg.eval_every, cfg.save_every) < 1 \
-            or min(cfg.warmup, cfg.micro_batch) < 0 or cfg.segment_seconds <= 0:
-        problems.append("need --steps, --global-batch, --ema-every, --eval-every, --save-every >= 1, --warmup, "
-                        "--micro-batch >= 0 and --segment-seconds > 0")
+                if not getattr(cfg, k)] + value_problems(cfg)
     if problems:
         raise SystemExit("train.py: error: " + "; ".join(problems))
     return cfg
@@ -174,10 +222,11 @@ def init_distributed(cfg):
     """Process group: gloo on CPU, nccl on CUDA; torchrun's env if present, else a world of one (no launcher)."""
     cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
     backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(minutes=cfg.pg_timeout_minutes)  # a hung rank stops the others after this
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     device = torch.device(cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -257,11 +306,10 @@ def build_lm(cfg, codec, t5, seg_frames, rank, device):
         dist.broadcast_object_list(box)
         lm_cfg = box[0]
     else:
-        base = lm_lib.LM_PRESETS.get(cfg.lm_preset, {}).get("max_frames", lm_lib.LMConfig.max_frames)
         try:
             lm_cfg = lm_lib.lm_config(cfg.lm_preset, num_codebooks=codec.num_codebooks, card=codec.cardinality,
                                       text_dim=t5.dim, dim=cfg.lm_dim or None, num_layers=cfg.lm_layers or None,
-                                      num_heads=cfg.lm_heads or None, max_frames=max(base, seg_frames))
+                                      num_heads=cfg.lm_heads or None)
         except ValueError as e:
             raise SystemExit(f"train.py: error: {e}")
         if not cfg.meta_init and rank == 0:
@@ -272,8 +320,7 @@ def build_lm(cfg, codec, t5, seg_frames, rank, device):
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}")
     if seg_frames > lm_cfg.max_frames:
-        raise SystemExit(f"train.py: error: --segment-seconds {cfg.segment_seconds} is {seg_frames} frames; the LM "
-                         f"has positions for {lm_cfg.max_frames}")
+        raise SystemExit(f"train.py: error: {segment_problem(cfg, seg_frames, lm_cfg.max_frames)}")
     with torch.device("meta"):
         model = lm_lib.AudioLM(lm_cfg)
     if dist.get_world_size() > 1:  # a world of one skips FSDP2: its unshard / reduce copies would only cost time
@@ -327,26 +374,105 @@ def run_relative(path, run_dir):
     return os.path.relpath(p, r) if p.startswith(r + os.sep) else p
 
 
+# The resumable state is torch.distributed.checkpoint's format, which pickles: its .metadata, and the optimizer's
+# non-tensor values (lr, betas) as torch.save blobs that its default planner reads with weights_only=False. A run
+# directory may come from someone else, so both go through restricted unpicklers first, and nothing else is read.
+DCP_METADATA_TYPES = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization",
+    "_get_layout"), ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Admits only the types torch writes into a DCP .metadata (and torch dtypes); anything else is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in DCP_METADATA_TYPES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a type of checkpoint metadata")
+
+
+def check_metadata(path):
+    """Unpickle a DCP .metadata with MetadataUnpickler; ValueError naming the file if it holds anything else."""
+    try:
+        with open(path, "rb") as f:
+            MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 -- foreign or damaged: refuse, naming the file
+        raise ValueError(f"{path}: refused: not checkpoint metadata torch wrote ({e})") from None
+
+
+class SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        check_metadata(self._get_metadata_path(kwargs.get("rank")))  # the same bytes the reader then unpickles
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)  # the same bytes the planner then loads
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"refused checkpoint value {read_item.dest_index.fqn}: {str(e).splitlines()[0]}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+SUMS = "SHA256SUMS"  # in state/: sha256sum format, every file of the checkpoint
+
+
+def write_state_sums(tmp, rank):
+    """Each rank hashes the DCP files it wrote (__RANK_*.distcp; rank 0 also .metadata and train_state.json);
+    rank 0 writes them all to tmp/SHA256SUMS (check with `cd state && sha256sum -c SHA256SUMS`)."""
+    names = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or
+                   (rank == 0 and n in (".metadata", "train_state.json")))
+    mine = {n: data.sha256_file(os.path.join(tmp, n)) for n in names}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if rank == 0:
+        sums = {k: v for d in every for k, v in d.items()}
+        data.atomic_write(os.path.join(tmp, SUMS), "".join(f"{v}  {k}\n" for k, v in sorted(sums.items())))
+
+
 def save_checkpoint(model, opt, ema, step, cfg, world):
-    """lm.pt (rank 0, atomic) and the resumable DCP state (written to state.tmp/, then renamed to state/)."""
+    """lm.pt (rank 0, atomic, with its SHA-256 sidecar) and the resumable DCP state (written to state.tmp/ with a
+    SHA256SUMS, then renamed to state/). A failed write (disk full) is an OSError on every rank; the previous
+    checkpoint is untouched."""
     rank = dist.get_rank()
     sd, ema_sd = full_state(model, ema)
-    if rank == 0:
-        data.atomic_save(dict(lm_config=asdict(model.cfg), lm=sd, lm_ema=ema_sd, train_config=asdict(cfg), step=step,
-                              codec=run_relative(cfg.codec, cfg.run_dir), t5=run_relative(cfg.t5, cfg.run_dir)),
-                         os.path.join(cfg.run_dir, "lm.pt"))
     final = os.path.join(cfg.run_dir, "state")
     tmp, old = final + ".tmp", final + ".old"
+    err = None
     if rank == 0:
+        try:
+            data.atomic_save(dict(lm_config=asdict(model.cfg), lm=sd, lm_ema=ema_sd, train_config=asdict(cfg),
+                                  step=step, codec=run_relative(cfg.codec, cfg.run_dir),
+                                  t5=run_relative(cfg.t5, cfg.run_dir)), os.path.join(cfg.run_dir, "lm.pt"))
+        except OSError as e:
+            err = str(e)
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save(dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, opt), ema=ema,
-                  rng=torch.get_rng_state()), checkpoint_id=tmp)
+    fail_together(err, OSError)
+    try:
+        dcp.save(dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, opt), ema=ema,
+                      rng=torch.get_rng_state()), checkpoint_id=tmp)
+        err = None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 -- DCP wraps every rank's OSError
+        err = f"cannot write {tmp}: {str(e).splitlines()[-1][:300]}"
+    try:
+        fail_together(err, OSError)
+        if rank == 0:
+            data.atomic_write(os.path.join(tmp, "train_state.json"), json.dumps(
+                dict(step=step, samples_seen=step * cfg.global_batch, world_size=world, train_config=asdict(cfg),
+                     manifest_sha256=data.sha256_file(cfg.manifest)), indent=1))
+        write_state_sums(tmp, rank)
+    except OSError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     if rank == 0:
-        data.atomic_write(os.path.join(tmp, "train_state.json"), json.dumps(
-            dict(step=step, samples_seen=step * cfg.global_batch, world_size=world, train_config=asdict(cfg)),
-            indent=1))
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(final):
             os.replace(final, old)
@@ -355,27 +481,71 @@ def save_checkpoint(model, opt, ema, step, cfg, world):
     dist.barrier()
 
 
-def load_checkpoint(model, opt, ema, cfg):
-    """-> the step to continue from (0 when there is no state). A different config is an error naming the fields."""
+def fail_together(err, kind=ValueError):
+    """data.fail_together, raising `kind` (OSError for write failures)."""
+    try:
+        data.fail_together(err)
+    except ValueError as e:
+        raise kind(str(e)) from None
+
+
+def comparable(c):
+    """A train_config dict -> the values a resume must match: the codec and T5 paths relative to the run dir when
+    inside it, so a run that was moved or copied still matches."""
+    return {**c, **{k: run_relative(c[k], c["run_dir"]) for k in ("codec", "t5") if c.get(k)}}
+
+
+def resume_point(cfg):
+    """-> (state dir, its train_state.json) to resume from, or None. Checked before any work: every file against
+    the checkpoint's SHA256SUMS (ranks share the hashing; unless --no-verify), the config, and the training
+    manifest (its bytes: a changed manifest would change the data order)."""
     final = os.path.join(cfg.run_dir, "state")
     path = final if os.path.exists(final) else final + ".old"  # .old: a crash between the two renames
     if not os.path.exists(os.path.join(path, "train_state.json")):
-        return 0
-    with open(os.path.join(path, "train_state.json")) as f:
-        meta = json.load(f)
-    saved, now = meta["train_config"], asdict(cfg)
+        return None
+    err = None
+    try:
+        if cfg.verify:
+            if not os.path.isfile(os.path.join(path, SUMS)):
+                raise ValueError(f"{path}: no {SUMS} (written by an older train.py?); resume with --no-verify")
+            with open(os.path.join(path, SUMS)) as f:
+                sums = [line.split(None, 1) for line in f if line.strip()]
+            rank, world = dist.get_rank(), dist.get_world_size()
+            for digest, name in sums[rank::world]:
+                data.verify_checksum(os.path.join(path, name.strip()), [digest])
+        check_metadata(os.path.join(path, ".metadata"))  # before DCP's own reader sees it (SafeReader: again)
+        with open(os.path.join(path, "train_state.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        err = str(e) if isinstance(e, ValueError) and str(e).startswith(path) else f"{path}: {e}"
+    fail_together(err)
+    saved, now = comparable(meta["train_config"]), comparable(asdict(cfg))
     free = {f.name for f in fields(TrainConfig) if f.metadata["resume_free"]}
     diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in free and saved.get(k) != now[k]]
+    if "manifest_sha256" in meta and os.path.isfile(cfg.manifest) and \
+            meta["manifest_sha256"] != data.sha256_file(cfg.manifest):
+        diff.append(f"the contents of {cfg.manifest} (it changed since step {meta['step']}: the data order would)")
     if diff:
-        raise SystemExit(f"train.py: error: cannot resume {path}: the config differs in {', '.join(diff)}. "
-                         f"Use the saved values, another --run-dir, or delete {path} to start over.")
+        raise ValueError(f"cannot resume {path}: the config differs in {', '.join(diff)}. Use the saved values, "
+                         f"another --run-dir, or delete {path} to start over.")
+    return path, meta
+
+
+def load_state(model, opt, ema, path):
+    """Fill the model, optimizer, EMA and RNG from the DCP state `path` (resume_point) in place -> its step."""
     sd = dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, opt), ema=ema,
               rng=torch.get_rng_state())
-    dcp.load(sd, checkpoint_id=path)  # in place: the EMA shards are filled directly
+    try:
+        dcp.load(sd, storage_reader=SafeReader(path), planner=SafePlanner())  # the EMA shards are filled directly
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 -- DCP wraps each rank's error (a BaseException)
+        msg = str(e)
+        raise ValueError(next((line for line in msg.splitlines() if "refused" in line), msg.splitlines()[-1])) \
+            from None
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, opt, sd["optim"])
     torch.set_rng_state(sd["rng"])
-    return int(meta["step"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return int(json.load(f)["step"])
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -410,6 +580,8 @@ def train_step(model, t5, src, step, cfg, micro_batch, device):
             loss = loss + cfg.rr_weight * rr  # Eq. 6; all-gather's backward sums the ranks' shares
         loss.backward()
         ce_sum += out["ce_sum"].detach()
+        if s is not micro[-1] and data.all_reduce(torch.tensor(float(STOP["flag"]), device=device)).item():
+            return None  # a stop between micro-batches: the step is dropped and redone on resume
     stats = data.all_reduce(torch.cat([ce_sum, torch.tensor([float(drop), float(STOP["flag"])], device=device)]))
     ce = (stats[:K] / counts.clamp(min=1)).mean().item()
     rr = rr.item() if rr is not None else None
@@ -436,11 +608,40 @@ def validate(model, t5, src, cfg, micro_batch, device, length):
     return (stats[0] / stats[1].clamp(min=1)).mean().item()
 
 
-STOP = {"flag": False}
+STOP = {"flag": False, "signal": None}
 
 
-def _on_sigterm(signum, frame):  # checked after every step (all ranks agree via an all-reduce), then save + exit
-    STOP["flag"] = True
+def _on_stop_signal(signum, frame):
+    """SIGTERM / the first Ctrl-C: save and exit after this step (or micro-batch; all ranks agree via an
+    all-reduce). A second Ctrl-C quits at once, saving nothing more."""
+    if STOP["flag"] and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP["flag"], STOP["signal"] = True, signal.Signals(signum).name
+    if signum == signal.SIGINT and dist.get_rank() == 0:
+        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to quit without saving)")
+
+
+def metrics_until(path, step):
+    """The lines of metrics.jsonl up to `step` (a resumed run rewrites the rest). A torn line (a write cut short by
+    a power loss) is dropped with a warning."""
+    keep = []
+    for i, line in enumerate(open(path).read().splitlines() if os.path.exists(path) else [], 1):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            tqdm.write(f"warning: {path} line {i} is torn or not a metrics record; dropped: {line[:80]!r}")
+    return keep
+
+
+def save(model, opt, ema, step, cfg, world, last_saved):
+    """save_checkpoint -> step; a failed write stops training with one line (the last good checkpoint is kept)."""
+    try:
+        save_checkpoint(model, opt, ema, step, cfg, world)
+    except OSError as e:
+        raise SystemExit(f"train.py: error: {e}; stopped at step {step}, the last good checkpoint (step {last_saved})"
+                         f" in {cfg.run_dir} is kept") from None
+    return step
 
 
 def train(model, opt, ema, t5, src, val, step, cfg, micro_batch, device):
@@ -449,13 +650,12 @@ def train(model, opt, ema, t5, src, val, step, cfg, micro_batch, device):
     os.makedirs(cfg.run_dir, exist_ok=True)
     mpath = os.path.join(cfg.run_dir, "metrics.jsonl")
     if rank == 0:  # a resumed run rewrites the steps after its checkpoint
-        old = open(mpath).read().splitlines() if os.path.exists(mpath) else []
-        data.atomic_write(mpath, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+        data.atomic_write(mpath, "".join(line + "\n" for line in metrics_until(mpath, step)))
     metrics = open(mpath, "a") if rank == 0 else None
     val_len = t5.tokenizer(val.texts)[0].shape[1] if val else 0  # pad to the longest validation caption
     params = list(model.parameters())
     STOP["flag"] = False
-    prev = signal.signal(signal.SIGTERM, _on_sigterm)
+    prev = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     start, last_saved = step, step
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
     try:
@@ -465,6 +665,13 @@ def train(model, opt, ema, t5, src, val, step, cfg, micro_batch, device):
             for g in opt.param_groups:
                 g["lr"] = lr
             r = train_step(model, t5, src, step, cfg, micro_batch, device)
+            if r is None:  # stopped between micro-batches
+                opt.zero_grad(set_to_none=True)
+                save(model, opt, ema, step, cfg, world, last_saved)
+                if rank == 0:
+                    tqdm.write(f"stopped at step {step} ({STOP['signal']}); state saved in {cfg.run_dir}/state, run "
+                               "the same command to resume")
+                break
             if r["cfg_ranks"] not in (0, world):
                 raise RuntimeError(f"step {step}: ranks disagree on the CFG draw ({r['cfg_ranks']} of {world} dropped)")
             if not math.isfinite(r["loss"]):
@@ -493,16 +700,16 @@ def train(model, opt, ema, t5, src, val, step, cfg, micro_batch, device):
                                 f"{r['rr']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}")
             stop = r["stop"] or (cfg.max_steps_this_run and step - start >= cfg.max_steps_this_run)
             if step % cfg.save_every == 0 or step == cfg.steps or stop:
-                save_checkpoint(model, opt, ema, step, cfg, world)
-                last_saved = step
+                last_saved = save(model, opt, ema, step, cfg, world, last_saved)
             if stop:
                 if rank == 0:
-                    tqdm.write(f"stopped at step {step} ({'SIGTERM' if r['stop'] else '--max-steps-this-run'}); "
+                    tqdm.write(f"stopped at step {step} ({STOP['signal'] if r['stop'] else '--max-steps-this-run'}); "
                                f"state saved in {cfg.run_dir}/state, run the same command to resume")
                 break
         return step >= cfg.steps
     finally:
-        signal.signal(signal.SIGTERM, prev)
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)
         bar.close()
         if metrics:
             metrics.close()
@@ -522,7 +729,7 @@ def prepare_toy(cfg, rank):
                 print(f"toy codec -> {out} (codec.train_codec)")
                 codec_lib.train_codec(cfg.manifest, out, valid=cfg.valid_manifest or None, preset="toy",
                                       steps=codec_run.get("steps"), resume=True)
-        if not os.path.exists(os.path.join(cfg.t5, "model.safetensors")):  # written last by make_toy_t5
+        if not os.path.exists(os.path.join(cfg.t5, "config.json")):  # written last by make_toy_t5
             items, _ = data.read_manifest(cfg.manifest, skip_bad=cfg.skip_bad)
             text_encoder.make_toy_t5(cfg.t5, [it["text"] for it in items], seed=cfg.seed)
     dist.barrier()
@@ -532,11 +739,16 @@ def run(cfg):
     """The whole job: set-up (process group, toy assets, codec, T5, data, LM, optimizer, resume), the training
     loop, then the samples."""
     rank, world, device = init_distributed(cfg)
+    verify_before, data.VERIFY = data.VERIFY, cfg.verify
     try:
         micro_batch = cfg.micro_batch or cfg.global_batch // world
         if cfg.global_batch % (world * micro_batch):
             raise SystemExit(f"train.py: error: --global-batch {cfg.global_batch} is not divisible by world size "
                              f"{world} x --micro-batch {micro_batch}")
+        try:
+            resume = resume_point(cfg)  # before any work: a refused resume costs nothing
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}")
         if cfg.threads:  # before the toy codec trains too
             torch.set_num_threads(cfg.threads)
         if cfg.preset == "toy":
@@ -550,6 +762,9 @@ def run(cfg):
         if seg < codec.num_codebooks:
             raise SystemExit(f"train.py: error: --segment-seconds {cfg.segment_seconds} gives {seg} frames; the "
                              f"delay pattern needs >= {codec.num_codebooks}")
+        positions = lm_lib.LM_PRESETS.get(cfg.lm_preset, {}).get("max_frames", lm_lib.LMConfig.max_frames)
+        if not cfg.init_musicgen and seg > positions:  # before caching (fine-tuning: checked when the LM loads)
+            raise SystemExit(f"train.py: error: {segment_problem(cfg, seg, positions)}")
         try:
             src = data.make_source(cfg.manifest, codec, cfg, seg, cfg.random_crop, rank, world, device)
             val = (data.make_source(cfg.valid_manifest, codec, cfg, seg, False, rank, world, device)
@@ -560,17 +775,27 @@ def run(cfg):
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # decay on every weight, as audiocraft
         ema = {k: p.detach().clone() for k, p in model.named_parameters()}  # sharded like the params
-        step = load_checkpoint(model, opt, ema, cfg)
+        try:
+            step = load_state(model, opt, ema, resume[0]) if resume else 0
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}")
         done = train(model, opt, ema, t5, src, val, step, cfg, micro_batch, device)
     finally:
         dist.destroy_process_group()
+        data.VERIFY = verify_before
     if rank == 0 and done and cfg.samples and cfg.test_manifest:
         prompts = list(dict.fromkeys(it["text"] for it in data.read_manifest(cfg.test_manifest, skip_bad=True)[0]))
         sample.main(["--ckpt", cfg.run_dir, "--seed", str(cfg.seed), "--device", str(device), *prompts[:cfg.samples]])
 
 
 def main(argv=None):
-    run(parse_config(argv))
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except KeyboardInterrupt:  # outside the training loop (set-up, caching, the toy codec), or a second Ctrl-C
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: interrupted; {cfg.run_dir} keeps its last saved state (run the same command to resume)")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
