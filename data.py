@@ -120,10 +120,10 @@ def atomic_save(obj, path):
     atomic_write(path, save, checksum=True)
 
 
-def verify_checksum(path, digests=None):
-    """Raise ValueError naming `path` when its SHA-256 is not one of `digests` (default: those its `.sha256`
-    sidecar lists; no sidecar, e.g. a file someone else wrote: nothing to check)."""
-    side = f"{path}.sha256"
+def verify_checksum(path, digests=None, source=None):
+    """Raise ValueError naming `path` when its SHA-256 is not one of `digests` (recorded in `source`; default: those
+    its `.sha256` sidecar lists; no sidecar, e.g. a file someone else wrote: nothing to check)."""
+    side = source or f"{path}.sha256"
     if digests is None:
         if not os.path.isfile(side):
             return
@@ -132,7 +132,7 @@ def verify_checksum(path, digests=None):
     got = sha256_file(path)
     if got not in digests:
         raise ValueError(f"{path}: damaged: its SHA-256 {got[:16]}... is not the {digests[0][:16]}... recorded when "
-                         f"it was written ({side if os.path.isfile(side) else 'checksum list'}); restore the file, "
+                         f"it was written ({side}); restore the file, "
                          "or pass --no-verify to load it anyway")
 
 
@@ -519,14 +519,14 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return x
 
 
-def fail_together(err):
-    """Raise ValueError on EVERY rank if any rank hit an error (a rank raising alone would leave the others
-    waiting in the next collective)."""
+def fail_together(err, kind=ValueError):
+    """Raise `kind` (ValueError; OSError for write failures) on EVERY rank if any rank hit an error (a rank
+    raising alone would leave the others waiting in the next collective)."""
     errs = [None] * dist.get_world_size()
     dist.all_gather_object(errs, err)
     first = next((e for e in errs if e), None)
     if first:
-        raise ValueError(first)
+        raise kind(first)
 
 
 class TokenSource:
@@ -611,7 +611,7 @@ def cache_tokens(manifest, codec, cfg, rank, world, device):
             why = next((f"the {what} changed" for what, k in (("manifest or its audio files", "data"),
                                                               ("codec", "codec")) if old.get(k) != meta[k]), None)
         except (ValueError, KeyError, TypeError) as e:
-            why = f"unreadable ({str(e)[:200]})"
+            why = "damaged (its SHA-256 changed)" if ": damaged:" in str(e) else f"unreadable ({str(e)[:200]})"
         if why is None:
             return path
         if rank == 0:
@@ -633,21 +633,27 @@ def cache_tokens(manifest, codec, cfg, rank, world, device):
     fail_together(err)
     if not all_reduce(torch.tensor(sum(x.shape[-1] > 0 for x in codes), device=device)).item():
         raise ManifestError(f"{manifest}: no usable items")
-    atomic_save(dict(index=index, codes=codes), f"{path}.rank{rank}")
-    dist.barrier()
+    try:
+        atomic_save(dict(index=index, codes=codes), f"{path}.rank{rank}")
+        err = None
+    except OSError as e:  # disk full: every rank stops with it, not only the writer
+        err = str(e)
+    fail_together(err)
     if rank == 0:  # merge the ranks' parts, in manifest order
         got = {}
         for r in range(world):
             part = torch_load(f"{path}.rank{r}", "token cache part")
             got.update((i, x) for i, x in zip(part["index"], part["codes"]) if x.shape[-1] > 0)
+            for name in (f"{path}.rank{r}", f"{path}.rank{r}.sha256"):
+                os.remove(name)
         keep = sorted(got)
-        atomic_save(dict(codes=torch.cat([got[i] for i in keep], dim=1), meta=meta,
-                         offsets=torch.tensor([0] + list(np.cumsum([got[i].shape[-1] for i in keep]))),
-                         texts=[items[i]["text"] for i in keep]), path)
-        for r in range(world):
-            os.remove(f"{path}.rank{r}")
-            os.remove(f"{path}.rank{r}.sha256")
-    dist.barrier()
+        try:
+            atomic_save(dict(codes=torch.cat([got[i] for i in keep], dim=1), meta=meta,
+                             offsets=torch.tensor([0] + list(np.cumsum([got[i].shape[-1] for i in keep]))),
+                             texts=[items[i]["text"] for i in keep]), path)
+        except OSError as e:
+            err = str(e)
+    fail_together(err)
     return path
 
 

@@ -453,7 +453,7 @@ def save_checkpoint(model, opt, ema, step, cfg, world):
         except OSError as e:
             err = str(e)
         shutil.rmtree(tmp, ignore_errors=True)
-    fail_together(err, OSError)
+    data.fail_together(err, OSError)
     try:
         dcp.save(dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, opt), ema=ema,
                       rng=torch.get_rng_state()), checkpoint_id=tmp)
@@ -461,7 +461,7 @@ def save_checkpoint(model, opt, ema, step, cfg, world):
     except (Exception, CheckpointException) as e:  # noqa: BLE001 -- DCP wraps every rank's OSError
         err = f"cannot write {tmp}: {str(e).splitlines()[-1][:300]}"
     try:
-        fail_together(err, OSError)
+        data.fail_together(err, OSError)
         if rank == 0:
             data.atomic_write(os.path.join(tmp, "train_state.json"), json.dumps(
                 dict(step=step, samples_seen=step * cfg.global_batch, world_size=world, train_config=asdict(cfg),
@@ -479,14 +479,6 @@ def save_checkpoint(model, opt, ema, step, cfg, world):
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-
-
-def fail_together(err, kind=ValueError):
-    """data.fail_together, raising `kind` (OSError for write failures)."""
-    try:
-        data.fail_together(err)
-    except ValueError as e:
-        raise kind(str(e)) from None
 
 
 def comparable(c):
@@ -512,13 +504,13 @@ def resume_point(cfg):
                 sums = [line.split(None, 1) for line in f if line.strip()]
             rank, world = dist.get_rank(), dist.get_world_size()
             for digest, name in sums[rank::world]:
-                data.verify_checksum(os.path.join(path, name.strip()), [digest])
+                data.verify_checksum(os.path.join(path, name.strip()), [digest], os.path.join(path, SUMS))
         check_metadata(os.path.join(path, ".metadata"))  # before DCP's own reader sees it (SafeReader: again)
         with open(os.path.join(path, "train_state.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         err = str(e) if isinstance(e, ValueError) and str(e).startswith(path) else f"{path}: {e}"
-    fail_together(err)
+    data.fail_together(err)
     saved, now = comparable(meta["train_config"]), comparable(asdict(cfg))
     free = {f.name for f in fields(TrainConfig) if f.metadata["resume_free"]}
     diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in free and saved.get(k) != now[k]]
@@ -769,7 +761,7 @@ def run(cfg):
             src = data.make_source(cfg.manifest, codec, cfg, seg, cfg.random_crop, rank, world, device)
             val = (data.make_source(cfg.valid_manifest, codec, cfg, seg, False, rank, world, device)
                    if cfg.valid_manifest else None)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # bad data, or a token cache that cannot be written
             raise SystemExit(f"train.py: error: {e}")
         model = build_lm(cfg, codec, t5, seg, rank, device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
