@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -133,6 +135,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        self.checkpointing = False  # checkpoint_blocks: recompute this block in the backward pass
         D = cfg.dim
         self.self_attn, self.cross_attention = Attention(D, cfg.num_heads), Attention(D, cfg.num_heads)
         self.norm1, self.norm_cross, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)  # eps 1e-5
@@ -140,11 +143,26 @@ class Block(nn.Module):
         self.linear2 = nn.Linear(cfg.hidden_scale * D, D, bias=False)
 
     def forward(self, x, ctx=None):  # x (B, S, D), ctx (B, Tt, D) or None
+        if self.checkpointing and torch.is_grad_enabled():  # keep only x and ctx; the rest is recomputed
+            return checkpoint(self.layer, x, ctx, use_reentrant=False)
+        return self.layer(x, ctx)
+
+    def layer(self, x, ctx):
         x = x + self.self_attn(self.norm1(x))
         if ctx is not None:  # dropped text: zero keys/values would add exactly zero, so skip
             # (PAPER.md "audiocraft: cross-attention and padding")
             x = x + self.cross_attention(self.norm_cross(x), ctx)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+
+
+def checkpoint_blocks(model, on=True):
+    """Activation checkpointing: each transformer block keeps only its input in the forward pass and recomputes
+    the rest in the backward pass (about one more forward of compute for activations of one block instead of all).
+    Set inside Block.forward, so under FSDP2 the recompute runs while fully_shard has the block's weights
+    gathered; call it before or after fully_shard."""
+    for block in model.transformer.layers:
+        block.checkpointing = on
+    return model
 
 
 def sin_embedding(num_positions, dim, max_period=10000.0):
@@ -392,6 +410,48 @@ def lm_from_state_dict(cfg, sd, source):
     return model
 
 
+MUSICGEN_PROJ = "condition_provider.conditioners.description.output_proj."  # audiocraft's name of text_proj
+T5_BY_WIDTH = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}  # the names audiocraft's T5Conditioner takes
+
+
+def musicgen_xp_cfg(cfg, t5_name=None, cfg_prob=0.3, cfg_coef=3.0):
+    """audiocraft's xp.cfg for an LMConfig: the fields its builders.get_lm_model and MusicGen read, with the values
+    of its musicgen_lm config (PAPER.md "audiocraft: LM layers and init"; "audiocraft: released checkpoints").
+    segment_duration = max_frames / 50: released codecs run at 50 Hz, and load_musicgen reads it back that way."""
+    return {
+        "lm_model": "transformer_lm", "device": "cpu", "dtype": "float32",
+        "transformer_lm": dict(
+            dim=cfg.dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers, hidden_scale=cfg.hidden_scale,
+            n_q=cfg.num_codebooks, card=cfg.card, dropout=0.0, emb_lr=None, activation="gelu", norm_first=True,
+            bias_ff=False, bias_attn=False, bias_proj=False, past_context=None, causal=True, custom=False,
+            memory_efficient=True, attention_as_float32=False, layer_scale=None, positional_embedding="sin",
+            xpos=False, checkpointing="none", weight_init="gaussian", depthwise_init="current", zero_bias_init=True,
+            norm="layer_norm", cross_attention=False, qk_layer_norm=False, qk_layer_norm_cross=False,
+            attention_dropout=None, kv_repeat=1, two_step_cfg=False),
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": list(range(cfg.num_codebooks)),
+                                                             "flatten_first": 0, "empty_initial": 0}},
+        "classifier_free_guidance": {"training_dropout": cfg_prob, "inference_coef": cfg_coef},
+        "attribute_dropout": {},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
+                  "cross": ["description"], "input_interpolate": []},
+        "conditioners": {"description": {"model": "t5", "t5": {
+            "name": t5_name or T5_BY_WIDTH.get(cfg.text_dim), "finetune": False, "word_dropout": 0.0,
+            "normalize_text": False}}},
+        "dataset": {"segment_duration": cfg.max_frames / 50},
+    }
+
+
+def save_musicgen(model, path, t5_name=None, cfg_prob=0.3, cfg_coef=3.0):
+    """Inverse of load_musicgen: an audiocraft state_dict.bin ({'best_state': audiocraft's LMModel keys, 'xp.cfg':
+    YAML, 'exported': True}; written atomically). Our module names are audiocraft's except the text projection,
+    which audiocraft keeps in the T5 conditioner (PAPER.md "audiocraft: T5 conditioner")."""
+    sd = {(MUSICGEN_PROJ + k[len("text_proj."):] if k.startswith("text_proj.") else k): v.detach().float().cpu()
+          for k, v in model.state_dict().items()}
+    xp = yaml.safe_dump(musicgen_xp_cfg(model.cfg, t5_name, cfg_prob, cfg_coef), sort_keys=False)
+    data.atomic_save({"best_state": sd, "xp.cfg": xp, "exported": True}, path)
+    return path
+
+
 def load_musicgen(path, device="cpu"):
     """AudioLM from a released audiocraft `state_dict.bin` ({'best_state': sd, 'xp.cfg': cfg, ...}; PAPER.md
     "audiocraft: released checkpoints"). Sizes come from the weights, heads from the cfg."""
@@ -407,15 +467,25 @@ def load_musicgen(path, device="cpu"):
         raise ValueError(f"{path}: codebooks_pattern.modeling={pattern['modeling']!r}; only 'delay' is supported")
     if tl.get("positional_embedding", "sin") != "sin" or tl.get("norm_first", True) is not True:
         raise ValueError(f"{path}: only pre-norm LMs with sinusoidal positions are supported")
-    proj = "condition_provider.conditioners.description.output_proj."
-    sd = {("text_proj." + k[len(proj):] if k.startswith(proj) else k): v for k, v in sd.items()}
+    conds = {k.split(".")[2] for k in sd if k.startswith("condition_provider.conditioners.")} | set(
+        xp.get("conditioners") or {}) - {"args"}
+    if conds - {"description"}:  # melody: a chroma 'self_wav' conditioner prepended to the input
+        models = {c: ((xp.get("conditioners") or {}).get(c) or {}).get("model") for c in sorted(conds - {"description"})}
+        raise ValueError(f"{path}: conditioners {models} are not supported (melody / audio conditioning); only "
+                         "text-conditioned MusicGen / AudioGen (one T5 'description' conditioner)")
+    stereo = (xp.get("interleave_stereo_codebooks") or {}).get("use") or xp.get("channels") == 2
+    delays = (pattern.get("delay") or {}).get("delays")
+    if stereo or (delays and len(set(delays)) < len(delays)):
+        raise ValueError(f"{path}: a stereo checkpoint (interleaved codebooks, delays {delays}) is not supported; "
+                         "only mono MusicGen (e.g. musicgen-small)")
+    sd = {("text_proj." + k[len(MUSICGEN_PROJ):] if k.startswith(MUSICGEN_PROJ) else k): v for k, v in sd.items()}
     if "emb.0.weight" not in sd or "text_proj.weight" not in sd:
-        raise ValueError(f"{path}: no 'emb.0.weight' / '{proj}weight' -- not a text-conditioned audiocraft LM")
+        raise ValueError(f"{path}: no 'emb.0.weight' / '{MUSICGEN_PROJ}weight' -- not a text-conditioned audiocraft LM")
     K = sum(1 for k in sd if k.startswith("emb.") and k.endswith(".weight"))
     card, dim = sd["emb.0.weight"].shape[0] - 1, sd["emb.0.weight"].shape[1]
     num_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.layers."))
     ffn = sd["transformer.layers.0.linear1.weight"].shape[0]
-    delays = (pattern.get("delay") or {}).get("delays", list(range(K)))
+    delays = delays or list(range(K))
     if list(delays) != list(range(K)):
         raise ValueError(f"{path}: delays {delays} unsupported; only the standard delays 0..K-1")
     seg = (xp.get("dataset") or {}).get("segment_duration")  # released codecs run at 50 Hz (PAPER.md §3.1)

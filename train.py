@@ -98,8 +98,14 @@ class TrainConfig:  # defaults: the paper's setup for sound (PAPER.md §4.2); PR
     weight_decay: float = flag(0.1, "decoupled weight decay")
     grad_clip: float = flag(1.0, "gradient norm clip")
     global_batch: int = flag(192, "examples per step over all ranks (PAPER.md §4.2: 192)")
-    micro_batch: int = flag(0, "examples per rank per forward (0: global_batch / world size); accumulation = "
-                            "global / (world * micro)", resume_free=True)
+    micro_batch: int = flag(0, "examples per rank per forward; accumulation = global / (world * micro). 0: the "
+                            "paper's per-GPU share for the paper presets (12 = 192 / 16 GPUs, or fewer on more ranks), "
+                            "the whole per-rank batch for toy", resume_free=True)
+    activation_checkpointing: bool = flag(False, "recompute each transformer block in the backward pass: "
+                                          "activation memory of one block instead of all, ~1/3 more compute",
+                                          resume_free=True)
+    precision: str = flag("", "bf16 or fp32 compute (default bf16 on CUDA, fp32 on CPU); parameters, gradient "
+                          "reduction and optimizer state stay fp32 (PAPER.md §4.2)", resume_free=True)
     ema_decay: float = flag(0.99, "decay of the weight EMA saved in lm.pt (sample.py uses it)")
     ema_every: int = flag(10, "EMA update every N steps (audiocraft's ema.updates = 10)")
     cfg_prob: float = flag(0.1, "probability that a step is a CFG step (text dropped for the whole global "
@@ -152,6 +158,7 @@ def value_problems(cfg):
         ("cfg-prob", between(0, cfg.cfg_prob, 1), "in [0, 1]"),
         ("rr-weight", cfg.rr_weight >= 0 and math.isfinite(cfg.rr_weight), ">= 0 and finite"),
         ("rr-pool", cfg.rr_pool in ("max", "mean"), "'max' or 'mean'"),
+        ("precision", cfg.precision in ("", "bf16", "fp32"), "'bf16' or 'fp32'"),
         ("sample-cfg-coef", math.isfinite(cfg.sample_cfg_coef), "finite"),
         ("sample-top-k", cfg.sample_top_k >= 0, ">= 0"),
         ("segment-seconds", 0 < cfg.segment_seconds < math.inf, "> 0 and finite"),
@@ -215,6 +222,27 @@ def parse_config(argv=None):
     if problems:
         raise SystemExit("train.py: error: " + "; ".join(problems))
     return cfg
+
+
+PAPER_MICRO_BATCH = 12  # PAPER.md §4.2: 192 clips on 16 GPUs
+
+
+def batch_split(cfg, world):
+    """-> micro_batch, the examples per rank per forward; the global batch is reached by gradient accumulation, which
+    leaves the losses unchanged. Default: toy, the whole per-rank batch; the paper presets, the paper's per-GPU
+    share (the largest divisor of the per-rank batch up to 12), so that one GPU does not hold all 192 clips."""
+    if cfg.global_batch % world:
+        raise SystemExit(f"train.py: error: --global-batch {cfg.global_batch} does not split over {world} ranks; "
+                         f"expected a multiple of {world}")
+    per_rank = cfg.global_batch // world
+    divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+    if cfg.micro_batch and per_rank % cfg.micro_batch:
+        raise SystemExit(f"train.py: error: --micro-batch {cfg.micro_batch} does not divide the per-rank batch "
+                         f"{per_rank} (--global-batch {cfg.global_batch} / {world} rank{'s' * (world > 1)}); expected "
+                         f"one of {divisors[:12]}{' ...' * (len(divisors) > 12)}")
+    if cfg.micro_batch:
+        return cfg.micro_batch
+    return per_rank if cfg.preset == "toy" else max(d for d in divisors if d <= PAPER_MICRO_BATCH)
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -287,24 +315,32 @@ def encode_text(t5, texts, length=None):
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_lm(cfg, codec, t5, seg_frames, rank, device):
-    """AudioLM sharded with FSDP2 (per transformer block, then the root; a plain module in a world of one); the codec
-    and T5 stay outside."""
-    full = None
-    if cfg.init_musicgen:  # fine-tuning: rank 0 reads the released weights, the shards are broadcast
-        err = None
-        if rank == 0:
-            try:
-                full = lm_lib.load_musicgen(cfg.init_musicgen)
-            except (OSError, ValueError) as e:
-                err = str(e)
+def released_lm(cfg, rank):
+    """--init-musicgen (fine-tuning): rank 0 reads the released LM, before any other work, so that an unsupported
+    checkpoint (melody, stereo) costs nothing -> (the full AudioLM on rank 0, else None; its LMConfig on every
+    rank)."""
+    full, err = None, None
+    if rank == 0:
         try:
-            data.fail_together(err)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}")
-        box = [full.cfg if rank == 0 else None]
-        dist.broadcast_object_list(box)
-        lm_cfg = box[0]
+            full = lm_lib.load_musicgen(cfg.init_musicgen)
+        except (OSError, ValueError) as e:
+            err = str(e)
+    try:
+        data.fail_together(err)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: --init-musicgen: {e}")
+    box = [full.cfg if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    return full, box[0]
+
+
+def build_lm(cfg, codec, t5, seg_frames, rank, device, released=None):
+    """AudioLM sharded with FSDP2 (per transformer block, then the root; a plain module in a world of one); the codec
+    and T5 stay outside. released: released_lm's (full model, LMConfig) when fine-tuning; the shards are
+    broadcast from rank 0."""
+    full = None
+    if released:
+        full, lm_cfg = released
     else:
         try:
             lm_cfg = lm_lib.lm_config(cfg.lm_preset, num_codebooks=codec.num_codebooks, card=codec.cardinality,
@@ -323,14 +359,15 @@ def build_lm(cfg, codec, t5, seg_frames, rank, device):
         raise SystemExit(f"train.py: error: {segment_problem(cfg, seg_frames, lm_cfg.max_frames)}")
     with torch.device("meta"):
         model = lm_lib.AudioLM(lm_cfg)
+    lm_lib.checkpoint_blocks(model, cfg.activation_checkpointing)  # before fully_shard wraps the blocks
     if dist.get_world_size() > 1:  # a world of one skips FSDP2: its unshard / reduce copies would only cost time
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.precision == "bf16"
               else MixedPrecisionPolicy())  # PAPER.md §4.2: bf16 compute; fp32 gradient reduction
         for block in model.transformer.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)
-    if cfg.init_musicgen or not cfg.meta_init:
+    if released or not cfg.meta_init:
         set_model_state_dict(model, full.state_dict() if rank == 0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
@@ -341,11 +378,13 @@ def build_lm(cfg, codec, t5, seg_frames, rank, device):
     return model
 
 
-def lm_forward(model, codes, text, text_mask, drop_text, frame_mask):
+def lm_forward(model, codes, text, text_mask, drop_text, frame_mask, precision="fp32"):
     """lm.lm_loss: Eq. 1 (drop_text False) / Eq. 2 (True) as per-codebook SUMS and counts, which the caller
-    averages over the global batch, plus the hidden states the RR loss pools (PAPER.md §3.2). bf16 compute on
-    CUDA (PAPER.md §4.2): FSDP2's MixedPrecisionPolicy when sharded, autocast in a world of one."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=codes.is_cuda and not isinstance(model, FSDPModule)):
+    averages over the global batch, plus the hidden states the RR loss pools (PAPER.md §3.2). precision bf16
+    (PAPER.md §4.2): FSDP2's MixedPrecisionPolicy when sharded, autocast in a world of one; either way the
+    parameters stay fp32 and the cross-entropy is taken in fp32."""
+    bf16 = precision == "bf16" and not isinstance(model, FSDPModule)
+    with torch.autocast(codes.device.type, torch.bfloat16, enabled=bf16):
         return lm_lib.lm_loss(model, codes, text, text_mask, drop_text, frame_mask)
 
 
@@ -558,10 +597,10 @@ def train_step(model, t5, src, step, cfg, micro_batch, device):
         if len(micro) > 1:  # accumulation: every micro-batch needs the pooled audio of the others (no grad)
             with torch.no_grad():
                 a_rest = torch.cat([pool_time(o["hidden"], o["hidden_mask"], cfg.rr_pool).float() for o in
-                                    (lm_forward(model, codes[s], text[s], tmask[s], True, fmask[s]) for s in micro)])
+                                    (lm_forward(model, codes[s], text[s], tmask[s], True, fmask[s], cfg.precision) for s in micro)])
     ce_sum, rr = torch.zeros(K, device=device), None
     for s in micro:
-        out = lm_forward(model, codes[s], text[s], tmask[s], drop, fmask[s])
+        out = lm_forward(model, codes[s], text[s], tmask[s], drop, fmask[s], cfg.precision)
         # FSDP averages gradients over ranks: a rank's share of a global mean is scaled by the world size
         loss = world * (out["ce_sum"] / counts.clamp(min=1)).mean()  # per-codebook means, averaged
         if rr_on:
@@ -594,7 +633,7 @@ def validate(model, t5, src, cfg, micro_batch, device, length):
         codes, fmask, texts = src.batch([(0, j % n) for j in chunk], device)
         fmask = fmask & torch.tensor([j < n for j in chunk], device=device)[:, None]
         text, tmask = encode_text(t5, texts, length)
-        out = lm_forward(model, codes, text, tmask, False, fmask)
+        out = lm_forward(model, codes, text, tmask, False, fmask, cfg.precision)
         sums, counts = sums + out["ce_sum"], counts + out["count"]
     stats = data.all_reduce(torch.stack([sums, counts.float()]))
     return (stats[0] / stats[1].clamp(min=1)).mean().item()
@@ -733,14 +772,18 @@ def run(cfg):
     rank, world, device = init_distributed(cfg)
     verify_before, data.VERIFY = data.VERIFY, cfg.verify
     try:
-        micro_batch = cfg.micro_batch or cfg.global_batch // world
-        if cfg.global_batch % (world * micro_batch):
-            raise SystemExit(f"train.py: error: --global-batch {cfg.global_batch} is not divisible by world size "
-                             f"{world} x --micro-batch {micro_batch}")
+        micro_batch = batch_split(cfg, world)
+        cfg.precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+        if rank == 0:
+            acc = cfg.global_batch // (world * micro_batch)
+            print(f"global batch {cfg.global_batch} = {world} rank{'s' * (world > 1)} × micro-batch {micro_batch} × "
+                  f"{acc} accumulation step{'s' * (acc > 1)}; {cfg.precision} compute" +
+                  ", activation checkpointing" * cfg.activation_checkpointing)
         try:
             resume = resume_point(cfg)  # before any work: a refused resume costs nothing
         except ValueError as e:
             raise SystemExit(f"train.py: error: {e}")
+        released = released_lm(cfg, rank) if cfg.init_musicgen else None
         if cfg.threads:  # before the toy codec trains too
             torch.set_num_threads(cfg.threads)
         if cfg.preset == "toy":
@@ -754,8 +797,9 @@ def run(cfg):
         if seg < codec.num_codebooks:
             raise SystemExit(f"train.py: error: --segment-seconds {cfg.segment_seconds} gives {seg} frames; the "
                              f"delay pattern needs >= {codec.num_codebooks}")
-        positions = lm_lib.LM_PRESETS.get(cfg.lm_preset, {}).get("max_frames", lm_lib.LMConfig.max_frames)
-        if not cfg.init_musicgen and seg > positions:  # before caching (fine-tuning: checked when the LM loads)
+        positions = released[1].max_frames if released else lm_lib.LM_PRESETS.get(cfg.lm_preset, {}).get(
+            "max_frames", lm_lib.LMConfig.max_frames)
+        if seg > positions:  # before caching
             raise SystemExit(f"train.py: error: {segment_problem(cfg, seg, positions)}")
         try:
             src = data.make_source(cfg.manifest, codec, cfg, seg, cfg.random_crop, rank, world, device)
@@ -763,7 +807,8 @@ def run(cfg):
                    if cfg.valid_manifest else None)
         except (ValueError, OSError) as e:  # bad data, or a token cache that cannot be written
             raise SystemExit(f"train.py: error: {e}")
-        model = build_lm(cfg, codec, t5, seg, rank, device)
+        model = build_lm(cfg, codec, t5, seg, rank, device, released)
+        released = None  # rank 0's full copy: its weights now live in the model
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=True)  # decay on every weight, as audiocraft
         ema = {k: p.detach().clone() for k, p in model.named_parameters()}  # sharded like the params
