@@ -133,12 +133,16 @@ class PeakMemory:
 def timed(fn, device, case):
     """Median wall seconds of fn() over case["repeats"] runs (more for short work, up to MIN_TIMED_SECONDS) after
     case["warmup"] runs, and the peak memory of all of them.
-    case["memory_only"] (the CPU memory child): one run, peak RSS only."""
+    case["memory_only"] (the CPU memory child): the peak RSS of one run after the warm-up runs, above the level
+    they leave (weights, optimizer state): what each further step of a long run adds."""
     mem = PeakMemory(device)
-    mem.start()
     if case.get("memory_only"):
+        for _ in range(case["warmup"]):
+            fn()
+        mem.start()
         fn()
         return dict(peak_mib=mem.peak_mib())
+    mem.start()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(case["warmup"]):
         fn()
@@ -193,13 +197,13 @@ def case_train(case, device):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["bf16"])
     if case["side"] == "ours":
         del ours  # the LM exactly as `python train.py` builds it in one process (train.build_lm, seed 0)
-        model = _train_py_lm(cfg, case["preset"], case.get("layers"), T, device)
+        model = _train_py_lm(cfg, case["preset"], case.get("layers"), T, device, case.get("checkpointing", False))
         params = list(model.parameters())
         probe = _probe(lambda s, t, m: model(s, t, m)[0], cfg, device)
 
         def loss_fn():  # train.train_step's loss on one rank, one micro-batch: Eq. 1 + lambda * Eq. 5
             with autocast():
-                out = train.lm_forward(model, codes, text, mask, False, fmask)
+                out = train.lm_forward(model, codes, text, mask, False, fmask, "bf16" if case["bf16"] else "fp32")
                 a = pool_time(out["hidden"], out["hidden_mask"], "max").float()
                 rr = rr_from_pooled(pool_time(text, mask, "max"), a)
             return (out["ce_sum"] / n_valid).mean() + RR_WEIGHT * rr
@@ -207,6 +211,8 @@ def case_train(case, device):
         hf, proj = to_transformers_lm(ours)
         del ours
         hf, proj = hf.to(device).train(), proj.to(device).train()
+        if case.get("checkpointing"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False))
         params = list(hf.parameters()) + list(proj.parameters())
 
         def hf_forward(seq, txt, msk, labels=None):  # MusicgenForConditionalGeneration's decoder call
@@ -244,11 +250,11 @@ def case_train(case, device):
     return r
 
 
-def _train_py_lm(cfg, preset, layers, frames, device):
+def _train_py_lm(cfg, preset, layers, frames, device, checkpointing=False):
     """train.build_lm in a world of one process (train.init_distributed without torchrun): seed 0, as ours."""
-    train_cfg = types.SimpleNamespace(device=device.type, init_musicgen=None, lm_preset=preset, lm_dim=0,
-                                      lm_layers=layers or 0,
-                              lm_heads=0, meta_init=False, seed=0, segment_seconds=frames / 50)
+    train_cfg = train.TrainConfig(device=device.type, lm_preset=preset, lm_layers=layers or 0, meta_init=False,
+                                  seed=0, segment_seconds=frames / 50, activation_checkpointing=checkpointing,
+                                  precision="fp32")
     _, _, dev = train.init_distributed(train_cfg)
     codec = types.SimpleNamespace(num_codebooks=cfg.num_codebooks, cardinality=cfg.card)
     t5 = types.SimpleNamespace(dim=cfg.text_dim)
@@ -459,6 +465,9 @@ def main(argv=None):
     ap.add_argument("--codec-seconds", type=float, default=None, help="audio seconds per codec call (default 2 on CPU, 10 on CUDA)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast in the training step (default: on for CUDA, off for CPU)")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="training step with each transformer block recomputed in the backward pass, both sides "
+                         "(train.py --activation-checkpointing; transformers' activation_checkpointing_enable)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense bf16 TFLOP/s of the GPU for MFU (default from its name, e.g. H100 989)")
     ap.add_argument("--json", help="also write all results to this JSON file")
@@ -506,8 +515,9 @@ def main(argv=None):
         if "train" in args.parts:
             B = args.train_batch or ((16 if preset == "toy" else 2) * (4 if cuda else 1))
             T = args.train_frames or (500 if cuda else 100)
-            spec = dict(base, part="train", preset=preset, layers=layers, batch=B, frames=T, text_len=16)
-            cases.append(("train", label, spec))
+            spec = dict(base, part="train", preset=preset, layers=layers, batch=B, frames=T, text_len=16,
+                        checkpointing=args.activation_checkpointing)
+            cases.append(("train", label + ", activation checkpointing" * args.activation_checkpointing, spec))
         if "gen" in args.parts:
             T = args.gen_frames or (500 if cuda else (100 if preset == "toy" else 50))
             cases.append(("gen", label, dict(base, part="gen", preset=preset, layers=layers, batch=args.gen_batch,

@@ -1,7 +1,9 @@
-"""Generate audio from text prompts: a run of train.py, or released MusicGen weights.
+"""Generate audio from text prompts: a run of train.py, or released MusicGen weights; export a run back to
+audiocraft's layout.
 
     python sample.py --ckpt runs/toy "three high-pitched beeps" "noise"
     python sample.py --musicgen DIR --t5 T5DIR --duration 8 "lo-fi hip hop with a mellow piano"
+    python sample.py --ckpt runs/musicgen-small-rr --export exported/
 
 One wav per prompt in --out (default RUN/samples, or ./samples with --musicgen). DIR holds audiocraft's
 released `state_dict.bin` (LM) and `compression_state_dict.bin` (EnCodec); T5DIR a local HF T5 directory
@@ -11,6 +13,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 
 import soundfile as sf
 import torch
@@ -47,9 +50,8 @@ def lm_from_checkpoint(ckpt, source, device="cpu", use_ema=True):
     return lm.to(device).eval()
 
 
-def load_run(path, device="cpu", use_ema=True):
-    """(codec, t5, lm) of a train.py run directory or its lm.pt; codec / T5 paths in lm.pt are relative to the
-    run directory when they lie inside it (train.run_relative), so a run directory can be moved."""
+def _run_files(path):
+    """A run directory or its lm.pt -> (lm.pt path, its dict, {'codec': path, 't5': path})."""
     lm_pt = os.path.join(path, "lm.pt") if os.path.isdir(path) else path
     ckpt = _load_lm_pt(lm_pt)
     run_dir = os.path.dirname(os.path.abspath(lm_pt))
@@ -58,6 +60,13 @@ def load_run(path, device="cpu", use_ema=True):
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), str):
             raise ValueError(f"{lm_pt}: missing the '{key}' path entry")
         paths[key] = _need_file(os.path.join(run_dir, ckpt[key]), f"{key} of {lm_pt}")
+    return lm_pt, ckpt, paths
+
+
+def load_run(path, device="cpu", use_ema=True):
+    """(codec, t5, lm) of a train.py run directory or its lm.pt; codec / T5 paths in lm.pt are relative to the
+    run directory when they lie inside it (train.run_relative), so a run directory can be moved."""
+    lm_pt, ckpt, paths = _run_files(path)
     lm = lm_from_checkpoint(ckpt, lm_pt, device, use_ema)  # state-dict mismatches surface before heavy loads
     codec = codec_lib.load_codec(paths["codec"], device=device)
     t5 = text_encoder.load_t5(paths["t5"], device=device)
@@ -105,6 +114,40 @@ def generate_audio(codec, t5, lm, prompts, duration, cfg_coef=3.0, top_k=250, to
     with torch.no_grad():
         wav = codec.decode(codes.clone().to(next(codec.parameters()).device))  # (B, 1, N')
     return wav[..., :round(duration * codec.sample_rate)]
+
+
+def export_run(path, out, use_ema=True):
+    """A train.py run -> `out` in the layout of audiocraft's released models: state_dict.bin (lm.save_musicgen) and,
+    when the run's codec is an audiocraft compression_state_dict.bin, a copy of it under that name (our own codec.py
+    checkpoints have no audiocraft counterpart). -> lines that say how to load the result."""
+    lm_pt, ckpt, paths = _run_files(path)
+    lm = lm_from_checkpoint(ckpt, lm_pt, use_ema=use_ema)
+    tc = ckpt.get("train_config") or {}
+    codec_path = paths["codec"]
+    audiocraft_codec = "xp.cfg" in data.torch_load(codec_path, "codec checkpoint", mmap=True)
+    lm_path = lm_lib.save_musicgen(lm, os.path.join(out, "state_dict.bin"), cfg_prob=tc.get("cfg_prob", 0.3),
+                                   cfg_coef=run_defaults(lm_pt)["cfg_coef"])
+    lines = [f"wrote {lm_path} ({'EMA' if use_ema else 'raw'} weights of {lm_pt}, step {ckpt.get('step')})"]
+    if audiocraft_codec:
+        def copy(tmp):
+            shutil.copyfile(codec_path, tmp)
+        data.atomic_write(os.path.join(out, "compression_state_dict.bin"), copy)
+        lines.append(f"copied {codec_path} -> {os.path.join(out, 'compression_state_dict.bin')}")
+        lines.append(f"audiocraft:   MusicGen.get_pretrained({out!r})  (a local directory with both files)")
+    else:
+        lines.append(f"not copied: {codec_path} is a codec.py checkpoint, which audiocraft cannot load; "
+                     "use lm.load_musicgen / sample.py --musicgen with it")
+    c = lm.cfg
+    lines += ["transformers: MusicgenForCausalLM, with the key renames of transformers' convert_musicgen_transformers:",
+              f"    sd, proj = rename_state_dict(torch.load({lm_path!r})['best_state'], hidden_size={c.dim})",
+              f"    cfg = MusicgenDecoderConfig(hidden_size={c.dim}, num_hidden_layers={c.num_layers}, "
+              f"num_attention_heads={c.num_heads}, ffn_dim={c.hidden_scale * c.dim}, num_codebooks={c.num_codebooks}, "
+              f"vocab_size={c.card}, tie_word_embeddings=False)",
+              "    decoder = MusicgenForCausalLM(cfg); decoder.load_state_dict(sd, strict=False)  # missing: "
+              "embed_positions",
+              "    (in a MusicgenForConditionalGeneration of the same size: model.decoder.load_state_dict(sd, "
+              "strict=False); model.enc_to_dec_proj.load_state_dict(proj))"]
+    return lines
 
 
 def _slug(text):
@@ -155,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--no-ema", action="store_true", help="use the raw LM weights instead of the EMA")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the checkpoint files")
+    ap.add_argument("--export", metavar="DIR", help="instead of sampling: write the --ckpt run as audiocraft's "
+                    "state_dict.bin (+ compression_state_dict.bin when its codec is audiocraft's) in DIR")
     args = ap.parse_args(argv)
 
     def fail(msg):
@@ -164,6 +209,19 @@ def main(argv=None):
         fail("give exactly one of --ckpt RUN or --musicgen DIR")
     if args.musicgen and not args.t5:
         fail("--musicgen needs --t5 T5DIR (MusicGen was trained with t5-base)")
+    if args.export:
+        if not args.ckpt or args.prompts:
+            fail("--export DIR takes a --ckpt RUN and no prompts")
+        if not os.path.exists(args.ckpt):
+            fail(f"run not found: {args.ckpt}")
+        verify_before, data.VERIFY = data.VERIFY, not args.no_verify
+        try:
+            print("\n".join(export_run(args.ckpt, args.export, use_ema=not args.no_ema)))
+        except (OSError, ValueError) as e:
+            fail(str(e))
+        finally:
+            data.VERIFY = verify_before
+        return
     if not args.prompts:
         fail("no prompts given; pass one or more text prompts")
     blank = [i for i, p in enumerate(args.prompts) if not p.strip()]

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import yaml
 import transformers
@@ -1587,6 +1588,64 @@ def test_torchrun_two_ranks_match_one_process(tiny, reference, tmp_path):
     _same_losses(ref, got, 1e-5)
 
 
+def _torchrun(tiny, run, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *_args(tiny, run, *extra)]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def _saved_float_dtypes(run):
+    """dtypes of every floating tensor a run saved: lm.pt and the DCP state (model, optimizer, EMA)."""
+    ckpt = torch.load(os.path.join(run, "lm.pt"), weights_only=True)
+    dtypes = {v.dtype for k in ("lm", "lm_ema") for v in ckpt[k].values()}
+    meta = dcp.FileSystemReader(os.path.join(run, "state")).read_metadata().state_dict_metadata
+    return dtypes | {m.properties.dtype for k, m in meta.items() if hasattr(m, "properties") and k != "rng"}
+
+
+BF16_TOL = 0.01  # bf16 compute against fp32 on the tiny runs: CE ~2.8 differs by <= 0.0015 (measured)
+
+
+def test_activation_checkpointing_and_bf16_under_fsdp2(tiny, reference, tmp_path):
+    """2 ranks (FSDP2, gloo): --activation-checkpointing gives the fp32 run's losses; --precision bf16
+    (MixedPrecisionPolicy: bf16 compute, fp32 reduction) is within bf16 tolerance of them, and what is stored --
+    parameters, optimizer state, EMA -- stays fp32."""
+    out = _torchrun(tiny, tmp_path / "ac", "--micro-batch", "1", "--activation-checkpointing")
+    assert "global batch 4 = 2 ranks × micro-batch 1 × 2 accumulation steps; fp32 compute, activation " \
+           "checkpointing" in out
+    _same_losses(reference[1], _metrics(tmp_path / "ac"), 1e-5)
+    _torchrun(tiny, tmp_path / "bf16", "--micro-batch", "1", "--precision", "bf16")
+    got = _metrics(tmp_path / "bf16")
+    _same_losses(reference[1], got, BF16_TOL)
+    assert max(abs(a["ce"] - b["ce"]) for a, b in zip(reference[1], got)) > 1e-4  # bf16 really ran
+    assert _saved_float_dtypes(tmp_path / "bf16") == {torch.float32}
+
+
+def test_bf16_in_one_process_and_resume_across_precisions(tiny, reference, tmp_path):
+    """A world of one under torch.autocast(cpu, bf16), resumed bf16 -> fp32 -> bf16: the fp32 run's losses within
+    bf16 tolerance, fp32 state throughout."""
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4", "--precision", "bf16", "--max-steps-this-run", "3"))
+    assert _saved_float_dtypes(tmp_path) == {torch.float32}
+    bf16 = _metrics(tmp_path)
+    assert max(abs(a["ce"] - b["ce"]) for a, b in zip(reference[1], bf16)) > 1e-4  # bf16 really ran
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4", "--precision", "fp32", "--max-steps-this-run", "3"))
+    train.main(_args(tiny, tmp_path, "--micro-batch", "4", "--precision", "bf16"))
+    _same_losses(reference[1], _metrics(tmp_path), BF16_TOL)
+    assert _saved_float_dtypes(tmp_path) == {torch.float32}
+
+
+def test_paper_presets_default_to_the_per_gpu_share_of_the_batch():
+    """No --micro-batch: the paper's 12 clips per GPU (192 / 16), fewer on more ranks, the rest by accumulation;
+    the toy preset keeps one forward per step."""
+    paper = train.parse_config(["--preset", "musicgen-32khz", "--manifest", "m", "--codec", "c", "--t5", "t"])
+    assert paper.global_batch == 192
+    assert [train.batch_split(paper, w) for w in (1, 2, 8, 16, 32, 64)] == [12, 12, 12, 12, 6, 3]
+    toy = train.parse_config(["--preset", "toy"])
+    assert [train.batch_split(toy, w) for w in (1, 2)] == [toy.global_batch, toy.global_batch // 2]
+    assert train.batch_split(replace(paper, micro_batch=4), 1) == 4
+
+
 def test_resume_across_world_sizes(tiny, reference, tmp_path):
     """1 process (a plain module) -> 2 ranks (FSDP2 shards) -> 1 process: the DCP state reshards both ways and the
     losses are those of the uninterrupted run."""
@@ -1658,6 +1717,96 @@ def test_run_sampling_defaults_reach_generate_audio(reference, tmp_path, monkeyp
     sample.main(["--ckpt", str(other), "--duration", "0.2", "--cfg-coef", "2", "--top-k", "3", "x"])
     assert (calls[-1]["cfg_coef"], calls[-1]["top_k"]) == (2.0, 3)
     assert sample.run_defaults(None) == dict(duration=10.0, cfg_coef=3.0, top_k=250)  # released weights: the paper's
+
+
+def _released_musicgen(tiny, out):
+    """audiocraft's released layout in `out`, sized to the tiny codec and toy T5: state_dict.bin from a random
+    transformers MusicGen decoder (+ its text projection), and the tiny codec as a compression_state_dict.bin."""
+    codec, t5 = codec_lib.load_codec(f"{tiny}/codec.pt"), text_encoder.load_t5(f"{tiny}/t5")
+    card, K, D, H, L = codec.cardinality, codec.num_codebooks, 32, 2, 2
+    torch.manual_seed(0)
+    hf = transformers.MusicgenForCausalLM(transformers.MusicgenDecoderConfig(
+        vocab_size=card, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, ffn_dim=4 * D, num_codebooks=K,
+        max_position_embeddings=64, dropout=0.0, pad_token_id=card, bos_token_id=card))
+    with torch.no_grad():  # far from any fresh init, so that a CE tells whose weights were used
+        for n, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "layer_norm.weight" in n else 0.0))
+    sd = _lm_hf_to_audiocraft(hf.state_dict(), L)
+    proj = torch.nn.Linear(t5.dim, D)
+    sd.update({lm_lib.MUSICGEN_PROJ + k: v.detach() for k, v in proj.state_dict().items()})
+    xp = {"transformer_lm": {"dim": D, "num_heads": H, "num_layers": L, "n_q": K, "card": card},
+          "codebooks_pattern": {"modeling": "delay", "delay": {"delays": list(range(K))}},
+          "dataset": {"segment_duration": 1.0}}
+    os.makedirs(out)
+    torch.save({"best_state": sd, "xp.cfg": yaml.safe_dump(xp)}, f"{out}/state_dict.bin")
+    cxp = _xp_cfg(codec.sample_rate, codec.cfg.ratios, codec.cfg.n_filters, codec.cfg.dimension, card)
+    cxp["seanet"]["lstm"] = codec.cfg.lstm
+    torch.save({"best_state": codec.state_dict(), "xp.cfg": yaml.safe_dump(cxp)}, f"{out}/compression_state_dict.bin")
+    return f"{out}/state_dict.bin", f"{out}/compression_state_dict.bin"
+
+
+def test_fine_tune_a_released_checkpoint_resume_sample_and_export(tiny, tmp_path, monkeypatch, capsys):
+    """--init-musicgen: step 1's CE is the released model's CE on step 1's batch (weights and text projection really
+    loaded); the run resumes on the same trajectory; its lm.pt samples; --export writes it back to audiocraft's
+    layout, which loads to the same logits."""
+    lm_file, codec_file = _released_musicgen(tiny, str(tmp_path / "released"))
+    args = lambda run, *extra: _args(tiny, run, "--init-musicgen", lm_file, "--codec", codec_file, "--cfg-prob",
+                                     "0", "--steps", "4", "--eval-every", "2", *extra)
+    real, first = train.lm_forward, []
+    monkeypatch.setattr(train, "lm_forward", lambda *a, **k: first.append(a[1:6]) or real(*a, **k))
+    train.main(args(tmp_path / "a"))
+    monkeypatch.setattr(train, "lm_forward", real)
+    released = lm_lib.load_musicgen(lm_file)
+    with torch.no_grad():
+        out = lm_lib.lm_loss(released, *first[0])
+    ce_released = (out["ce_sum"] / out["count"].clamp(min=1)).mean().item()
+    got = _metrics(tmp_path / "a")
+    assert abs(got[0]["ce"] - ce_released) < 1e-5
+    fresh = lm_lib.AudioLM(released.cfg)  # a fresh init of the same config: a clearly different CE
+    with torch.no_grad():
+        out = lm_lib.lm_loss(fresh, *first[0])
+    assert abs((out["ce_sum"] / out["count"].clamp(min=1)).mean().item() - ce_released) > 0.1
+    assert got[-1]["ce"] < got[0]["ce"]  # it trains
+
+    train.main(args(tmp_path / "b", "--max-steps-this-run", "2"))
+    train.main(args(tmp_path / "b"))  # the same command resumes
+    _same_losses(got, _metrics(tmp_path / "b"), 1e-6)
+    codec, t5, lm = sample.load_run(str(tmp_path / "b"))
+    wav = sample.generate_audio(codec, t5, lm, ["two low beeps"], duration=0.4, seed=0, progress=False)
+    assert wav.shape == (1, 1, 3200) and torch.isfinite(wav).all()
+
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path / "b"), "--export", str(tmp_path / "export")])
+    printed = capsys.readouterr().out
+    assert "MusicGen.get_pretrained" in printed and "MusicgenDecoderConfig(hidden_size=32" in printed
+    back = lm_lib.load_musicgen(str(tmp_path / "export" / "state_dict.bin"))
+    codes, text, tmask = first[0][0], first[0][1], first[0][2]
+    with torch.no_grad():
+        torch.testing.assert_close(back(codes, text, tmask)[0], lm(codes, text, tmask)[0], atol=0, rtol=0)
+    assert open(tmp_path / "export" / "compression_state_dict.bin", "rb").read() == open(codec_file, "rb").read()
+    sample.main(["--ckpt", str(tmp_path / "b"), "--export", str(tmp_path / "again")])  # a second export: unchanged
+    assert back.cfg == lm_lib.load_musicgen(str(tmp_path / "again" / "state_dict.bin")).cfg
+    with pytest.raises(SystemExit, match="--export DIR takes a --ckpt RUN and no prompts"):
+        sample.main(["--ckpt", str(tmp_path / "b"), "--export", str(tmp_path / "x"), "a prompt"])
+
+
+def test_init_musicgen_refuses_a_melody_checkpoint_before_any_work(tiny, tmp_path):
+    lm_file, codec_file = _released_musicgen(tiny, str(tmp_path / "released"))
+    pkg = torch.load(lm_file, weights_only=True)
+    xp = {**yaml.safe_load(pkg["xp.cfg"]), "conditioners": {"description": {"model": "t5"},
+                                                             "self_wav": {"model": "chroma_stem"}}}
+    torch.save(dict(pkg, **{"xp.cfg": yaml.safe_dump(xp)}), tmp_path / "melody.bin")
+    with pytest.raises(SystemExit, match=r"--init-musicgen: .*melody.bin: conditioners \{'self_wav': 'chroma_stem'\} "
+                                         r"are not supported \(melody"):
+        train.main(_args(tiny, tmp_path / "run", "--init-musicgen", str(tmp_path / "melody.bin"), "--codec", codec_file))
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_of_a_run_with_our_own_codec_says_why_no_codec(reference, tmp_path, capsys):
+    sample.main(["--ckpt", reference[0], "--export", str(tmp_path)])
+    assert "is a codec.py checkpoint, which audiocraft cannot load" in capsys.readouterr().out
+    assert os.listdir(tmp_path) and not os.path.exists(tmp_path / "compression_state_dict.bin")
+    lm_lib.load_musicgen(str(tmp_path / "state_dict.bin"))
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
@@ -2020,6 +2169,21 @@ def test_train_flops_matches_torch_flop_counter():
     with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):  # attention as countable matmuls
         model(seq, text, mask)
     assert fc.get_total_flops() == bench.train_flops(cfg, B, S, Tt) // 3 + 2 * B * cfg.num_layers * S * S * cfg.dim
+
+
+def test_bench_training_case_runs_as_train_py_builds_the_lm():
+    """bench.case_train builds our LM through train.build_lm (with activation checkpointing here) and runs both sides;
+    their probes agree (same weights, same function)."""
+    case = dict(device="cpu", preset="toy", layers=None, batch=2, frames=8, text_len=4, bf16=False, warmup=1,
+                repeats=1, checkpointing=True)
+    try:
+        ours, theirs = (bench.case_train(dict(case, side=side), torch.device("cpu")) for side in ("ours", "theirs"))
+    finally:
+        if torch.distributed.is_initialized():  # build_lm's world of one; later tests start their own
+            torch.distributed.destroy_process_group()
+    assert ours["seconds"] > 0 and ours["flops"] == theirs["flops"]
+    torch.testing.assert_close(torch.tensor(ours["probe"]["values"]), torch.tensor(theirs["probe"]["values"]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_bench_table_marks_targets_and_warns_on_probe_mismatch():
