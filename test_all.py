@@ -2,9 +2,12 @@
 
 Run: python -m pytest -q test_all.py
 """
+import base64
+import contextlib
 import dataclasses
 from dataclasses import asdict, replace
 import gzip
+import http.client
 import io
 import json
 import math
@@ -13,10 +16,13 @@ import pickle
 import random
 import re
 import resource
+import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import types
 import warnings
@@ -36,6 +42,7 @@ import bench
 import codec as codec_lib
 import data
 import evaluate
+import listen
 import lm as lm_lib
 import rr_loss
 import sample
@@ -2252,3 +2259,483 @@ def test_train_flags_live_in_train_config():
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=120)
     help_text = " ".join(p.stdout.split())
     assert p.returncode == 0 and all(" ".join(m["help"].split())[:40] in help_text for m in flags.values())
+
+
+# ---------------------------------------------------------------- listen.py
+# The listening test: its statistics against hand-computed values, prepare from wav folders and from two runs, the
+# server over HTTP (vote flow, resume, every bad request), the report, and the page in a real headless Chromium.
+
+def _listen_folders(root, n=4, seconds=0.3, sr=8000):
+    """Folders A/ (sines) and B/ (squares) of n clips with the same names, and a prompts TSV for them."""
+    t = np.arange(int(seconds * sr)) / sr
+    prompts = []
+    for d in ("A", "B"):
+        os.makedirs(root / d, exist_ok=True)
+    for i in range(n):
+        wave = np.sin(2 * np.pi * (220 + 110 * i) * t)
+        sf.write(str(root / "A" / f"clip{i}.wav"), 0.3 * wave, sr)
+        sf.write(str(root / "B" / f"clip{i}.wav"), 0.3 * np.sign(wave), sr)
+        prompts.append(f"clip{i}.wav\tprompt number {i}")
+    (root / "prompts.tsv").write_text("\n".join(prompts) + "\n")
+    return str(root / "A"), str(root / "B"), str(root / "prompts.tsv")
+
+
+def _listen_study(root, n=4, seconds=0.3):
+    a, b, tsv = _listen_folders(root, n, seconds)
+    listen.main(["prepare", "--a-dir", a, "--b-dir", b, "--prompts", tsv, "--out", str(root / "study"),
+                 "--names", "rr", "no_rr"])
+    return str(root / "study")
+
+
+@contextlib.contextmanager
+def _listen_server(study, allow_tie=False):
+    """The study's server in a thread on a free localhost port -> (host, port)."""
+    server = listen.make_server(study, "127.0.0.1", 0, allow_tie)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _http(addr, method, path, body=None, headers=None):
+    """One raw request (http.client sends the path as given: no normalisation) -> (status, JSON or bytes)."""
+    conn = http.client.HTTPConnection(*addr, timeout=10)
+    try:
+        conn.request(method, path, body=json.dumps(body) if isinstance(body, dict) else body, headers=headers or {})
+        r = conn.getresponse()
+        raw = r.read()
+        return r.status, json.loads(raw) if r.getheader("Content-Type", "").startswith("application/json") else raw
+    finally:
+        conn.close()
+
+
+def _listen_vote(addr, rater, trial, choice):
+    return _http(addr, "POST", "/api/vote", dict(rater=rater, trial=trial, choice=choice))
+
+
+def _listen_rows(study):
+    with contextlib.closing(sqlite3.connect(os.path.join(study, "votes.sqlite"))) as db:
+        return db.execute("SELECT rater, trial, position, left_system, choice, preferred FROM votes "
+                          "ORDER BY rater, position").fetchall()
+
+
+def test_listen_statistics_match_hand_values():
+    """Wilson: p̂ = k/n, c = z²/n, bounds (p̂ + c/2 ± z·sqrt(p̂(1-p̂)/n + c/4n)) / (1 + c), worked by hand for
+    0/10, 5/10, 14/20. Sign test: 2·P(X ≤ min(k, n-k)), X ~ Bin(n, 1/2), e.g. 14/20: 2·60460/2^20."""
+    for (k, n), (lo, hi) in {(0, 10): (0.0, 0.27753), (5, 10): (0.23659, 0.76341), (14, 20): (0.48103, 0.85452),
+                             (6, 20): (0.14548, 0.51897), (10, 10): (0.72247, 1.0)}.items():
+        got = listen.wilson_interval(k, n)
+        assert got == pytest.approx((lo, hi), abs=1e-5), (k, n, got)
+    assert listen.wilson_interval(0, 0) == (0.0, 1.0)
+    assert listen.sign_test_p(0, 10) == pytest.approx(2 / 1024, rel=1e-12)  # 0.001953
+    assert listen.sign_test_p(10, 10) == pytest.approx(2 / 1024, rel=1e-12)
+    assert listen.sign_test_p(5, 10) == 1.0
+    assert listen.sign_test_p(14, 20) == pytest.approx(2 * 60460 / 2 ** 20, rel=1e-12)  # 0.1153
+    assert round(listen.sign_test_p(14, 20), 4) == 0.1153 and listen.sign_test_p(6, 20) == listen.sign_test_p(14, 20)
+    assert listen.sign_test_p(0, 0) == 1.0 and listen.sign_test_p(1, 1) == 1.0
+    z = listen.Z95
+    for n in range(1, 31):
+        for k in range(n + 1):
+            # Wilson bounds are the proportions p the score test does not reject: (k/n - p)² = z² p (1 - p) / n
+            for p in listen.wilson_interval(k, n):
+                if 0 < p < 1:
+                    assert (k / n - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9, abs=1e-12)
+            # the exact test's other definition: the total probability of the outcomes no likelier than k
+            probs = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+            want = sum(q for q in probs if q <= probs[k] * (1 + 1e-12))
+            assert listen.sign_test_p(k, n) == pytest.approx(min(1.0, want), rel=1e-12), (k, n)
+
+
+def test_listen_prepare_from_wav_folders(tmp_path):
+    a, b, tsv = _listen_folders(tmp_path, n=5)
+    (tmp_path / "prompts.tsv").write_text("clip0.wav\tthe first prompt\nclip1.wav\t  second  \n\n")
+    for i in range(2, 5):
+        (tmp_path / "A" / f"clip{i}.txt").write_text(f"sidecar prompt {i}\n")  # the rest from NAME.txt files
+    out = tmp_path / "study"
+    listen.main(["prepare", "--a-dir", a, "--b-dir", b, "--prompts", tsv, "--out", str(out)])
+    study = json.loads((out / "study.json").read_text())
+    assert {k: v["name"] for k, v in study["systems"].items()} == dict(A="A", B="B")  # the folder names
+    assert [t["prompt"] for t in study["trials"]] == ["the first prompt", "second"] + [
+        f"sidecar prompt {i}" for i in range(2, 5)]
+    for t in study["trials"]:
+        assert (out / t["A"]).read_bytes() == (tmp_path / "A" / t["file"]).read_bytes()
+        assert (out / t["B"]).read_bytes() == (tmp_path / "B" / t["file"]).read_bytes()
+    assert not list(out.rglob("*.tmp"))
+    with pytest.raises(SystemExit, match="study.json exists; choose another --out"):
+        listen.main(["prepare", "--a-dir", a, "--b-dir", b, "--out", str(out)])
+    picked = []
+    for name in ("s1", "s2"):  # --n draws pairs at random, the same ones for the same seed
+        listen.main(["prepare", "--a-dir", a, "--b-dir", b, "--prompts", tsv, "--out", str(tmp_path / name), "--n", "3",
+                     "--seed", "4"])
+        picked.append([t["file"] for t in json.loads((tmp_path / name / "study.json").read_text())["trials"]])
+    assert picked[0] == picked[1] and len(picked[0]) == 3 and picked[0] == sorted(picked[0])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ([], "give two runs .* or two folders"),
+    (["--a-dir", "A"], "give two runs .* or two folders"),
+    (["--a", "A", "--b-dir", "B"], "give two runs .* or two folders"),
+    (["--a", "A", "--b", "B"], "exactly one of --manifest M .* or --prompts FILE"),
+    (["--a", "MISSING", "--b", "B", "--prompts", "P"], "--a .*missing: run not found"),
+    (["--a-dir", "A", "--b-dir", "B", "--manifest", "M"], "--manifest is for --a/--b runs"),
+    (["--a-dir", "A", "--b-dir", "B", "--n", "0"], "--n 0: expected a number of trials >= 1"),
+    (["--a-dir", "A", "--b-dir", "B", "--names", "x", "x"], "--names .*two different"),
+    (["--a-dir", "A", "--b-dir", "B", "--duration", "nan"], "--duration nan: expected a finite"),
+    (["--a-dir", "A", "--b-dir", "MISSING"], "missing: not a directory"),
+    (["--a-dir", "A", "--b-dir", "B"], "no prompt for clip0.wav: give --prompts FILE"),
+    (["--a-dir", "A", "--b-dir", "B", "--prompts", "BADTSV"], r"bad.tsv line 2: expected `file name<TAB>prompt`"),
+    (["--a-dir", "A", "--b-dir", "B", "--prompts", "NAMETSV"], r"line 1: 'nope.wav' is not an audio file of both"),
+    (["--a-dir", "A", "--b-dir", "FEWER", "--prompts", "P"], "clip2.wav is in --a-dir but not in --b-dir"),
+    (["--a-dir", "A", "--b-dir", "BROKEN", "--prompts", "P"], r"broken/clip1.wav: unreadable audio"),
+])
+def test_listen_prepare_rejects_bad_input(tmp_path, argv, msg):
+    a, b, tsv = _listen_folders(tmp_path, n=3)
+    shutil.copytree(b, tmp_path / "fewer")
+    os.remove(tmp_path / "fewer" / "clip2.wav")
+    shutil.copytree(b, tmp_path / "broken")
+    (tmp_path / "broken" / "clip1.wav").write_bytes(b"RIFF not really a wav")
+    (tmp_path / "bad.tsv").write_text("clip0.wav\tfine\nclip1.wav no tab\n")
+    (tmp_path / "name.tsv").write_text("nope.wav\tx\n")
+    subst = dict(A=a, B=b, P=tsv, M=tsv, MISSING=str(tmp_path / "missing"), BADTSV=str(tmp_path / "bad.tsv"),
+                 NAMETSV=str(tmp_path / "name.tsv"), FEWER=str(tmp_path / "fewer"), BROKEN=str(tmp_path / "broken"))
+    with pytest.raises(SystemExit, match=msg):
+        listen.main(["prepare", "--out", str(tmp_path / "study"), *[subst.get(x, x) for x in argv]])
+    assert not (tmp_path / "study" / "study.json").exists()
+
+
+@pytest.mark.usefixtures("codec_one_thread")
+def test_listen_prepare_from_two_runs(reference, tmp_path, monkeypatch):
+    """Two runs: one clip per prompt each, the same seed for both, each run's own CFG coefficient and top-k; the
+    same run as A and B gives identical clips (the seeds really are shared)."""
+    run, _ = reference
+    ckpt = torch.load(os.path.join(run, "lm.pt"), weights_only=True)
+    ckpt["train_config"].update(sample_cfg_coef=1.25, sample_top_k=7)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    data.atomic_save(ckpt, str(other / "lm.pt"))
+    calls, real = [], lm_lib.generate
+    monkeypatch.setattr(lm_lib, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("two low beeps\n\na high buzz\ntwo low beeps\nnoise\n")  # blank and repeated lines dropped
+    listen.main(["prepare", "--a", run, "--b", str(other), "--prompts", str(prompts), "--out", str(tmp_path / "s"),
+                 "--seed", "3", "--threads", "1"])
+    study = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert [t["prompt"] for t in study["trials"]] == ["two low beeps", "a high buzz", "noise"]
+    assert [t["seed"] for t in study["trials"]] == [3, 4, 5]
+    toy = {**{f.name: f.default for f in dataclasses.fields(train.TrainConfig)}, **train.PRESETS["toy"]}
+    assert study["systems"]["A"]["sampling"] == dict(duration=0.64, cfg_coef=toy["sample_cfg_coef"],
+                                                     top_k=toy["sample_top_k"])
+    assert study["systems"]["B"]["sampling"] == dict(duration=0.64, cfg_coef=1.25, top_k=7)
+    assert [(c["cfg_coef"], c["top_k"]) for c in calls] == [(toy["sample_cfg_coef"], toy["sample_top_k"])] * 3 + [
+        (1.25, 7)] * 3
+    codec, t5, lm = sample.load_run(run)
+    for t in study["trials"]:
+        got, sr = sf.read(tmp_path / "s" / t["A"], dtype="float32")
+        assert sr == 8000 and got.shape == (5120,)  # the runs' 0.64 s segment
+        want = sample.generate_audio(codec, t5, lm, [t["prompt"]], 0.64, toy["sample_cfg_coef"], toy["sample_top_k"],
+                                     seed=t["seed"], progress=False)[0, 0].numpy()
+        assert np.abs(got - want / max(1.0, np.abs(want).max() / 0.99)).max() < 1e-4  # 16-bit PCM
+    listen.main(["prepare", "--a", run, "--b", run, "--prompts", str(prompts), "--out", str(tmp_path / "same"),
+                 "--n", "2", "--duration", "0.2"])
+    same = json.loads((tmp_path / "same" / "study.json").read_text())
+    assert len(same["trials"]) == 2 and same["systems"]["A"]["name"] != same["systems"]["B"]["name"]
+    for t in same["trials"]:
+        assert (tmp_path / "same" / t["A"]).read_bytes() == (tmp_path / "same" / t["B"]).read_bytes()
+
+
+def test_listen_server_vote_flow_and_resume(tmp_path):
+    study = _listen_study(tmp_path, n=4)
+    trials = {t["id"]: t for t in json.loads(open(os.path.join(study, "study.json")).read())["trials"]}
+    order = listen.plan(listen.load_study(study), "alice")
+    assert sorted(tid for tid, _ in order) == sorted(trials) and [s for _, s in order].count("A") == 2
+    plans = {tuple(listen.plan(listen.load_study(study), r)) for r in ("alice", "bob", "carol", "dave", "erin")}
+    assert len(plans) > 1  # shuffled per rater
+    with _listen_server(study) as addr:
+        status, page = _http(addr, "GET", "/")
+        assert status == 200 and b"Listening test" in page and listen.QUESTION.encode() in page
+        status, state = _http(addr, "GET", "/api/state?rater=alice")
+        assert status == 200 and state["trial"] == dict(id=order[0][0], number=1, prompt=trials[order[0][0]]["prompt"])
+        assert state["n_trials"] == 4 and state["n_done"] == 0
+        for i, choice in enumerate(["1", "2", "1"]):
+            tid, left = order[i]
+            right = "B" if left == "A" else "A"
+            for side, system in (("1", left), ("2", right)):  # audio by trial id; the sides are the rater's
+                status, clip = _http(addr, "GET", f"/api/audio?rater=alice&trial={tid}&side={side}")
+                assert status == 200 and clip == open(os.path.join(study, trials[tid][system]), "rb").read()
+            status, reply = _listen_vote(addr, "alice", tid, choice)
+            assert status == 200 and reply["state"]["n_done"] == i + 1
+            assert reply["state"]["trial"]["number"] == i + 2
+        assert _http(addr, "GET", "/api/state?rater=bob")[1]["trial"]["number"] == 1  # raters are independent
+    rows = _listen_rows(study)
+    assert [r[:5] for r in rows] == [("alice", order[i][0], i + 1, order[i][1], c) for i, c in enumerate("121")]
+    assert [r[5] for r in rows] == [order[0][1], "B" if order[1][1] == "A" else "A", order[2][1]]
+    with _listen_server(study) as addr:  # a restarted server: the votes are there, alice continues at trial 4
+        status, state = _http(addr, "GET", "/api/state?rater=%20alice%20")  # the id is trimmed, as in the page
+        assert status == 200 and state["trial"]["number"] == 4 and state["trial"]["id"] == order[3][0]
+        assert _listen_vote(addr, "alice", order[3][0], "2")[0] == 200
+        status, state = _http(addr, "GET", "/api/state?rater=alice")
+        assert state["trial"] is None and state["n_done"] == 4
+    with _listen_server(study, allow_tie=True) as addr:
+        status, reply = _listen_vote(addr, "bob", order[0][0], "tie")
+        assert status == 200 and reply["state"]["allow_tie"] is True
+    assert len(_listen_rows(study)) == 5 and _listen_rows(study)[-1][4:] == ("tie", "tie")
+
+
+def test_listen_server_rejects_bad_requests(tmp_path):
+    """Each bad request: its 4xx, a JSON error, and the database unchanged (rows and file bytes)."""
+    study = _listen_study(tmp_path, n=3)
+    tid = listen.plan(listen.load_study(study), "r")[0][0]
+    db = os.path.join(study, "votes.sqlite")
+    vote = lambda **kw: json.dumps({**dict(rater="r", trial=tid, choice="1"), **kw})
+    with _listen_server(study) as addr:
+        assert _listen_vote(addr, "r", tid, "1")[0] == 200
+        rows, blob = _listen_rows(study), open(db, "rb").read()
+        json_type = {"Content-Type": "application/json"}
+        cases = [
+            ("POST", "/api/vote", vote(trial=999), 404, "no trial 999"),
+            ("POST", "/api/vote", vote(trial="abc"), 400, "'trial' must be an integer"),
+            ("POST", "/api/vote", vote(trial=True), 400, "'trial' must be an integer"),
+            ("POST", "/api/vote", vote(trial=(tid + 1) % 3, choice="3"), 400, "'choice' must be one of 1, 2"),
+            ("POST", "/api/vote", vote(trial=(tid + 1) % 3, choice="tie"), 400, "'choice' must be one of 1, 2,"),
+            ("POST", "/api/vote", vote(trial=(tid + 1) % 3, choice=1), 400, "'choice' must be one of"),
+            ("POST", "/api/vote", vote(), 409, "already voted on trial"),
+            ("POST", "/api/vote", vote(choice="2"), 409, "already voted on trial"),
+            ("POST", "/api/vote", "{\"rater\": ", 400, "must be a JSON object"),
+            ("POST", "/api/vote", b"\xff\xfe", 400, "must be a JSON object"),
+            ("POST", "/api/vote", "[1, 2]", 400, "exactly 'rater', 'trial' and 'choice'"),
+            ("POST", "/api/vote", vote(extra=1), 400, "exactly 'rater', 'trial' and 'choice'"),
+            ("POST", "/api/vote", json.dumps(dict(trial=tid, choice="1")), 400, "exactly 'rater'"),
+            ("POST", "/api/vote", vote(rater="   "), 400, "'rater' must be a non-empty string"),
+            ("POST", "/api/vote", vote(rater="x" * 65), 400, "at most 64 printable"),
+            ("POST", "/api/vote", vote(rater="a\nb"), 400, "at most 64 printable"),
+            ("POST", "/api/vote", vote(rater=7), 400, "'rater' must be a non-empty string"),
+            ("POST", "/api/vote", "x" * (listen.MAX_BODY + 1000), 413, "at most 4096 bytes"),
+            ("POST", "/api/state", vote(), 404, "no such page"),
+            ("PUT", "/api/vote", vote(), 405, "not allowed"),
+            ("DELETE", "/api/vote", None, 405, "not allowed"),
+            ("GET", "/../../etc/passwd", None, 404, "no such page"),
+            ("GET", "/%2e%2e/%2e%2e/etc/passwd", None, 404, "no such page"),
+            ("GET", "/audio/../../../../etc/passwd", None, 404, "no such page"),
+            ("GET", "/api/audio?rater=r&trial=../../etc/passwd&side=1", None, 400, "'trial' must be an integer"),
+            ("GET", "/api/audio?rater=r&trial=/etc/passwd&side=1", None, 400, "'trial' must be an integer"),
+            ("GET", f"/api/audio?rater=r&trial={tid}&side=3", None, 400, "'side' must be 1 or 2"),
+            ("GET", "/api/audio?rater=r&trial=42&side=1", None, 404, "no trial 42"),
+            ("GET", f"/api/audio?rater=r&trial={tid}&side=1&path=/etc/passwd", None, 400, "query parameters"),
+            ("GET", "/api/state?rater=a&rater=b", None, 400, "query parameters"),
+            ("GET", "/api/state", None, 400, "'rater' must be a non-empty string"),
+            ("GET", "/study.json", None, 404, "no such page"),
+            ("GET", "/votes.sqlite", None, 404, "no such page"),
+        ]
+        for method, path, body, status, msg in cases:
+            got, reply = _http(addr, method, path, body, json_type if body is not None else None)
+            assert (got, type(reply)) == (status, dict), (method, path, body, got, reply)
+            assert msg in reply["error"], (path, body, reply)
+        # no Content-Length (http.client would add one): 411; a non-numeric one: 400
+        for header, status in ((None, 411), ("12x", 400)):
+            conn = http.client.HTTPConnection(*addr, timeout=10)
+            conn.putrequest("POST", "/api/vote")
+            if header:
+                conn.putheader("Content-Length", header)
+            conn.endheaders()
+            assert conn.getresponse().status == status
+            conn.close()
+        assert _listen_rows(study) == rows and open(db, "rb").read() == blob
+        assert _http(addr, "GET", "/api/state?rater=r")[1]["n_done"] == 1  # and it still serves
+
+
+def test_listen_report(tmp_path, capsys):
+    """5 raters x 4 trials voting A 14 : B 6, and one rater with 2 ties: the paper's table with the hand values of
+    14/20 (70 %, Wilson 48.1-85.5 %, sign test p 0.1153)."""
+    study = _listen_study(tmp_path, n=4)
+    listen.main(["report", study])
+    assert "no votes yet" in capsys.readouterr().out
+    loaded = listen.load_study(study)
+    prefer_a = {"r1": 4, "r2": 4, "r3": 3, "r4": 2, "r5": 1}  # 14 of 20 for A
+    with _listen_server(study, allow_tie=True) as addr:
+        for rater, n_a in prefer_a.items():
+            for i, (tid, left) in enumerate(listen.plan(loaded, rater)):
+                want = "A" if i < n_a else "B"
+                assert _listen_vote(addr, rater, tid, "1" if left == want else "2")[0] == 200
+        for tid, _ in listen.plan(loaded, "r6")[:2]:
+            assert _listen_vote(addr, "r6", tid, "tie")[0] == 200
+    listen.main(["report", study, "--json", str(tmp_path / "r.json"), "--top", "0"])
+    out = capsys.readouterr().out
+    assert "22 votes from 6 rater(s) on 4 trials (2 ties)" in out
+    assert "| A: rr | 14 | 70.0 % | 48.1 % – 85.5 % |" in out
+    assert "| B: no_rr | 6 | 30.0 % | 14.5 % – 51.9 % |" in out
+    assert "p = 0.1153 (14 : 6)" in out
+    assert "| r1 | 4 | 4 | 0 | 0 | 100.0 % |" in out and "| r6 | 2 | 0 | 0 | 2 | – |" in out
+    s = json.loads((tmp_path / "r.json").read_text())
+    assert (s["votes"], s["decisive"], s["ties"], s["raters"]) == (22, 20, 2, 6)
+    assert s["A"]["ci95"] == pytest.approx([0.48103, 0.85452], abs=1e-5)
+    assert s["sign_test_p"] == pytest.approx(0.11532, abs=1e-5)
+    per_prompt = s["per_prompt"]
+    assert len(per_prompt) == 4 and sum(p["A"] for p in per_prompt) == 14
+    diffs = [abs(p["A"] - p["B"]) for p in per_prompt]
+    assert diffs == sorted(diffs, reverse=True)  # where the systems differ most comes first
+    listen.main(["report", study, "--top", "2"])
+    assert "(2 shown)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="study.json not found .*listen.py prepare"):
+        listen.main(["report", str(tmp_path)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "study.json").write_text('{"systems": {"A": {"name": "a"}, "B": {"name": "b"}}, "trials": ['
+                                                 '{"id": 0, "prompt": "x", "A": "../../etc/passwd", "B": "b.wav"}]}')
+    with pytest.raises(SystemExit, match="'A' must be a .wav or .flac file inside the study"):
+        listen.main(["serve", str(tmp_path / "bad")])
+
+
+# ------------------------------------------------------------------- the page in a real browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class Chromium:
+    """Headless Chromium over the DevTools protocol on a pipe (--remote-debugging-pipe: NUL-terminated JSON, our
+    commands on its fd 3, its replies on fd 4): real mouse clicks and typing, no selenium or chromedriver."""
+
+    def __init__(self, profile, width=860, height=720, exe=CHROMIUM):
+        self.proc = subprocess.Popen(
+            ["sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null', exe, "--headless=new",
+             "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+             "--disable-extensions", f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buf, self.next_id, self.session = b"", 0, None
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method, timeout=20, **params):
+        self.next_id += 1
+        msg = dict(id=self.next_id, method=method, params=params, **({"sessionId": self.session} if self.session
+                                                                       and not method.startswith("Target.") else {}))
+        self.proc.stdin.write(json.dumps(msg).encode() + b"\0")
+        self.proc.stdin.flush()
+        deadline = time.time() + timeout
+        while True:
+            while b"\0" not in self.buf:
+                if not select.select([self.proc.stdout], [], [], max(0.0, deadline - time.time()))[0]:
+                    raise TimeoutError(f"chromium: no reply to {method} in {timeout} s")
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"chromium exited (code {self.proc.poll()}) during {method}")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:  # events have no id: skipped
+                if "error" in reply:
+                    raise RuntimeError(f"chromium: {method}: {reply['error']}")
+                return reply["result"]
+
+    def js(self, expression):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page: {expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait(self, expression, timeout=15, what=None):
+        deadline = time.time() + timeout
+        while not self.js(expression):
+            if time.time() > deadline:
+                raise TimeoutError(f"page: waited {timeout} s for {what or expression}; it shows "
+                                   f"{self.js('document.body.innerText')!r}")
+            time.sleep(0.03)
+
+    def _load(self, method, **params):
+        self.js("window.__old = true")  # gone once the new document is there
+        self.call(method, **params)
+        self.wait("!window.__old && document.readyState === 'complete'", what=f"the page ({method})")
+
+    def open(self, url):
+        self._load("Page.navigate", url=url)
+
+    def reload(self):
+        self._load("Page.reload")
+
+    def click(self, selector):
+        """A real left click at the element's centre (Input.dispatchMouseEvent: a trusted user gesture)."""
+        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView("
+                       "{block: 'center'}); const r = e.getBoundingClientRect(); return [r.x + r.width / 2, "
+                       "r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def type(self, selector, text):
+        self.click(selector)
+        self.call("Input.insertText", text=text)
+
+    def text(self, selector):
+        return self.js(f"document.querySelector({json.dumps(selector)}).textContent")
+
+    def screenshot(self, path):
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def rate_in_browser(browser, url, rater, votes=None, choose=None):
+    """The scripted rater: opens the page, types its id, and on each trial (all of them, or `votes`) plays clip 1
+    and clip 2 to the end with real clicks and clicks a vote button; choose(number, prompt) -> '1' / '2' / 'tie'
+    (default: alternating). Checks on the way that the buttons stay disabled until both clips were heard.
+    -> [(progress text, prompt, choice)]."""
+    browser.open(url)
+    browser.type("#rater", rater)
+    browser.click("#start")
+    done = []
+    while votes is None or len(done) < votes:
+        browser.wait("!document.querySelector('#trial').hidden || !document.querySelector('#done').hidden",
+                     what="a trial")
+        if not browser.js("document.querySelector('#done').hidden"):
+            break
+        progress, prompt = browser.text("#progress"), browser.text("#prompt")
+        assert browser.js("document.querySelector('#vote1').disabled && document.querySelector('#vote2').disabled")
+        for side in ("1", "2"):
+            browser.wait(f"!document.querySelector('#play{side}').disabled", what=f"clip {side} to load")
+            browser.click(f"#play{side}")
+            browser.wait(f"document.querySelector('#heard{side}').textContent.includes('heard')",
+                         what=f"clip {side} to play to the end")
+            assert browser.js("document.querySelector('#vote1').disabled") == (side == "1")
+        choice = choose(len(done) + 1, prompt) if choose else "12"[len(done) % 2]
+        browser.click({"1": "#vote1", "2": "#vote2", "tie": "#votetie"}[choice])
+        browser.wait(f"document.querySelector('#progress').textContent !== {json.dumps(progress)} || "
+                     "!document.querySelector('#done').hidden", what="the next trial")
+        done.append((progress, prompt, choice))
+    return done
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)")
+def test_listen_page_in_headless_chromium(tmp_path):
+    """A real browser votes on three trials by clicks, after playing both clips to the end; the rows are in SQLite,
+    and a reload resumes at trial 4 with the rater's fourth prompt."""
+    study = _listen_study(tmp_path, 5, 0.25)
+    order = listen.plan(listen.load_study(study), "rater-7")
+    prompts = {t["id"]: t["prompt"] for t in listen.load_study(study)["trials"]}
+    browser = Chromium(str(tmp_path / "profile"))
+    try:
+        with _listen_server(study) as (host, port):
+            url = f"http://{host}:{port}/"
+            done = rate_in_browser(browser, url, "rater-7", votes=3)
+            assert [d[0] for d in done] == ["trial 1 of 5", "trial 2 of 5", "trial 3 of 5"]
+            assert [d[1] for d in done] == [prompts[tid] for tid, _ in order[:3]]
+            rows = _listen_rows(study)
+            assert [r[:5] for r in rows] == [("rater-7", order[i][0], i + 1, order[i][1], c) for i, c in
+                                             enumerate("121")]
+            browser.reload()
+            browser.wait("document.querySelector('#progress').textContent === 'trial 4 of 5'", what="trial 4")
+            assert browser.text("#prompt") == prompts[order[3][0]] and browser.text("#who") == "rater-7"
+            assert browser.js("document.querySelector('#vote1').disabled")
+            assert len(_listen_rows(study)) == 3
+    finally:
+        browser.close()
