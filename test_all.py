@@ -2193,22 +2193,60 @@ def test_bench_training_case_runs_as_train_py_builds_the_lm():
                                atol=1e-4, rtol=1e-4)
 
 
-def test_bench_table_marks_targets_and_warns_on_probe_mismatch():
-    def side(sec, values):
+def test_bench_table_judges_against_the_machine_limits_and_warns_on_probe_mismatch():
+    def side(sec, values, **kw):
         return dict(seconds=sec, tokens=1000, audio_seconds=2.0, peak_mib=1.0, probe=dict(values=values),
-                    round_seconds=[sec, sec * 1.1])
+                    round_seconds=[sec, sec * 1.1], **kw)
+    limits = dict(peak_flops=100e9, bandwidth=20e9, read_bandwidth=30e9, gemm_n=2048, gemm_dtype="torch.float32")
     rows = [dict(part="train", config="toy", spec=dict(batch=2, frames=10, bf16=False, preset="toy"),
-                 ours=side(1.0, [1.0]), theirs=side(1.3, [1.0])),                   # 1.3x: ok
-            dict(part="gen", config="toy", spec=dict(batch=1, frames=10), ours=side(1.0, [1.0]),
-                 theirs=side(1.2, [1.0])),                                         # 1.2x < 1.5: MISSED
-            dict(part="encode", config="toy", spec=dict(seconds=2.0), ours=side(1.0, [1.0]),
-                 theirs=side(1.0, [2.0]))]                                         # different outputs: WARNING
-    table = bench.render_table(rows, cuda=False, peak=None).splitlines()
-    assert "**1.30×** | ≥ 1.2×: ok" in table[2]
-    assert "**1.20×** | ≥ 1.5×: MISSED" in table[3]
+                 ours=side(1.0, [1.0], flops=85e9), theirs=side(1.3, [1.0], flops=85e9)),   # 0.85 of peak: ok
+            dict(part="gen", config="toy", spec=dict(batch=1, frames=10), ours=side(1.0, [1.0], steps=100,
+                 weight_bytes=2e9), theirs=side(2.0, [1.0], steps=100, weight_bytes=2e9)),   # 0.1 s bound / 0.01 s
+            dict(part="gen", config="small", spec=dict(batch=1, frames=10), ours=side(1.0, [1.0], steps=10,
+                 weight_bytes=1.3e9), theirs=side(2.0, [1.0], steps=10, weight_bytes=1.3e9)),  # 0.065 / 0.1: MISSED
+            dict(part="encode", config="toy", spec=dict(seconds=2.0), ours=side(1.0, [1.0], flops=5e9),
+                 theirs=side(1.0, [2.0], flops=5e9))]                                      # different outputs: WARNING
+    table = bench.render_table(rows, cuda=False, peak=None, limits=limits).splitlines()
+    assert "| 1.30× | **0.85** / 0.65 | ≥ 0.8 of peak: 0.85 ok |" in table[2]
+    assert "| 2.00× | **10.00** / 5.00 | ≥ 0.7 of bound: 10.00 ok |" in table[3]
+    assert "| 2.00× | **0.65** / 0.33 | ≥ 0.7 of bound: 0.65 MISSED |" in table[4]
+    assert "| 1.00× | **0.05** / 0.05 |  |" in table[5]  # the codec: no target, information only
+    assert any("matmul peak 100 GFLOP/s (float32 2048² GEMM), memory bandwidth 20.0 GB/s" in line for line in table)
+    assert any("small decoding step (B=1): 1,300 MB of weights / 20.0 GB/s = 65.0 ms bound; measured 100.0 ms "
+               "ours, 200.0 ms theirs" in line for line in table)
     assert any(line.startswith("WARNING encode toy: probe outputs differ") for line in table)
     assert not any("WARNING" in line and ("train" in line or "gen" in line) for line in table)
     assert any("worst 10%" in line for line in table)
+
+
+@pytest.mark.usefixtures("codec_one_thread")
+def test_bench_limits_and_decoding_bytes():
+    """The limits case measures something plausible, and the decoding bound counts each weight of a step once."""
+    lim = bench.case_limits({}, torch.device("cpu"))
+    assert 1e9 < lim["peak_flops"] < 1e13 and 1e8 < lim["bandwidth"] < 1e12
+    cfg = bench.bench_lm_config("small", 2)
+    m = lm_lib.AudioLM(cfg)
+    streamed = [p for n, p in m.named_parameters() if n.endswith("weight") and p.dim() == 2 and not n.startswith(
+        ("emb.", "text_proj."))]  # cross-attention k/v of the text are computed once, not per step
+    cross_kv = sum(L.cross_attention.in_proj_weight[cfg.dim:].numel() for L in m.transformer.layers)
+    assert bench.decode_weight_bytes(cfg) == 4 * (sum(p.numel() for p in streamed) - cross_kv)
+    assert bench.kv_cache_bytes(cfg, 1, 100) == 2 * 2 * 2 * 104 * 1024 * 4
+
+
+@pytest.mark.usefixtures("codec_one_thread")
+def test_bench_decode_profile_times_the_step_and_its_weight_products():
+    """The profile's weight products read exactly the weights the bound counts, and its report puts step,
+    products and plain read against that bound."""
+    r = bench.case_profile(dict(layers=1, frames=3), torch.device("cpu"))
+    cfg = bench.bench_lm_config("small", 1)
+    assert r["weight_bytes"] == bench.decode_weight_bytes(cfg)
+    assert r["num_products"] == 6 + cfg.num_codebooks and r["steps"] == 3 + cfg.num_codebooks - 1
+    assert r["step_seconds"] > 0 and r["products_seconds"] > 0 and r["read_seconds"] > 0
+    assert sum(o["share"] for o in r["top"]) <= 1 + 1e-6 and any(o["op"] == "aten::mm" for o in r["top"])
+    bw = bench.decode_weight_bytes(cfg) / 0.010  # a bandwidth that makes the bound exactly 10 ms
+    text = bench.render_profile(dict(r, step_seconds=0.020, products_seconds=0.0125, read_seconds=0.010), cfg, bw, 3)
+    assert "20.0 ms per step" in text and "10.0 ms: **0.50 of bound**" in text
+    assert "12.5 ms" in text and "**0.80 of bound**" in text and "everything else takes 7.5 ms (38 %)" in text
 
 
 # ==================================================================================================
