@@ -573,7 +573,8 @@ def main(argv=None):
                          "(train.py --activation-checkpointing; transformers' activation_checkpointing_enable)")
     ap.add_argument("--decode-scaling", action="store_true",
                     help="instead of the table: our decoding of `small` at batch 1 for 1, 10 and 30 s of audio and at "
-                         "batch 1, 2, 4, 8 for 10 s, against the weight-streaming bound, with the KV cache's size")
+                         "batch 1, 2, 4, 8 for 10 s, against the weight-streaming bound, with the KV cache's size "
+                         "(2 of its 24 layers on CPU unless --small-layers)")
     ap.add_argument("--decode-profile", action="store_true",
                     help="instead of the table: where our CFG decoding step of `small` (24 layers unless "
                          "--small-layers) spends its time, its weight products alone, and this machine's limits")
@@ -637,6 +638,10 @@ def main(argv=None):
             for op in ("encode", "decode"):
                 cases.append((op, layout, dict(base, part="codec", op=op, layout=layout, batch=1, seconds=secs)))
 
+    if args.decode_scaling and args.decode_profile:
+        fail("--decode-scaling and --decode-profile are two separate runs; pass one")
+    if args.decode_profile and cuda:
+        fail("--decode-profile times on the CPU clock (no CUDA synchronisation); run it with --device cpu")
     if args.decode_scaling:
         return decode_scaling(base, small_layers, cuda, args.json)
     if args.decode_profile:
@@ -672,7 +677,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine, device=args.device, torch=torch.__version__, threads=threads,
                            load_before=load, load_after=os.getloadavg(), total_seconds=total, peak_tflops=peak,
-                           limits=limit_runs, results=results, table=table), f, indent=1)
+                           limit_runs=limit_runs, limits=limits, results=results, table=table),
+                      f, indent=1)
         print(f"wrote {args.json}")
 
 
@@ -847,7 +853,7 @@ def render_table(results, cuda, peak, limits=None):
         if target and lo is not None:
             exact = f"{lo:.3f}" if lo < target <= round(lo, 2) else f"{lo:.2f}"  # no "0.80: MISSED"
             tgt = f"≥ {target:g} of {'bound' if part == 'gen' else 'peak'}: {exact} {'ok' if lo >= target else 'MISSED'}"
-        lim = "–" if lo is None else f"**{lo:.2f}** / {lt:.2f}"
+        lim = "–" if lo is None else f"**{lo:.2f}** / {'–' if lt is None else f'{lt:.2f}'}"
         lines.append(f"| {what} | {r['config']} | {fo} | {ft} | {ratio:.2f}× | {lim} | {tgt} | "
                      f"{fmt_mem(o['peak_mib'])} | {fmt_mem(t['peak_mib'])} |")
     spread = [max(x["round_seconds"]) / min(x["round_seconds"]) - 1 for r in results for x in (r["ours"], r["theirs"])

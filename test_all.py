@@ -2231,6 +2231,9 @@ def test_bench_limits_and_decoding_bytes():
     cross_kv = sum(L.cross_attention.in_proj_weight[cfg.dim:].numel() for L in m.transformer.layers)
     assert bench.decode_weight_bytes(cfg) == 4 * (sum(p.numel() for p in streamed) - cross_kv)
     assert bench.kv_cache_bytes(cfg, 1, 100) == 2 * 2 * 2 * 104 * 1024 * 4
+    step = lm_lib._cached_stepper(m, None, 3, 6, 100 + cfg.num_codebooks)  # B=3 prompts, doubled for CFG
+    cells = dict(zip(step.__code__.co_freevars, (c.cell_contents for c in step.__closure__)))
+    assert sum(layer[4].nbytes for layer in cells["layers"]) == bench.kv_cache_bytes(cfg, 3, 100)  # the cache it holds
 
 
 @pytest.mark.usefixtures("codec_one_thread")
