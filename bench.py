@@ -419,17 +419,7 @@ def case_limits(case, device):
     memory bandwidth: a 1 GiB tensor copy, read + write bytes (and, as information, a read-only sum)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def best(fn, reps):
-        fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    best = lambda fn, reps: best_seconds(fn, reps, sync)
     n = 8192 if cuda else 2048
     dtype = torch.bfloat16 if cuda else torch.float32
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -468,8 +458,7 @@ def case_profile(case, device):
     def run():
         gen = torch.Generator(device=device).manual_seed(0)
         lm_lib.generate(model, text, mask, T, cfg_coef=3.0, top_k=250, generator=gen, progress=False)
-    run()
-    step_s = min(wall_seconds(run) for _ in range(3)) / steps
+    step_s = best_seconds(run, 3) / steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -499,10 +488,18 @@ def case_profile(case, device):
                 weight_bytes=nbytes, num_products=len(work))
 
 
-def wall_seconds(fn):
+def wall_seconds(fn, sync=lambda: None):
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
+
+
+def best_seconds(fn, reps, sync=lambda: None):
+    """Fastest of `reps` timed runs of fn() after one untimed run: for limits, where the best run is the bound."""
+    fn()
+    sync()
+    return min(wall_seconds(fn, sync) for _ in range(reps))
 
 
 CASES = {"train": case_train, "gen": case_gen, "codec": case_codec, "limits": case_limits, "profile": case_profile}
@@ -539,6 +536,10 @@ def run_child(case, timeout):
     r = json.loads(lines[-1][len("BENCH_RESULT "):])
     r["wall"] = time.perf_counter() - t0
     return r
+
+
+def small_label(layers):
+    return "small" if layers == 24 else f"small ({layers} of 24 layers)"
 
 
 def fmt_mem(mib):
@@ -621,7 +622,7 @@ def main(argv=None):
     cases = []  # (part, label, spec)
     for preset in presets:
         layers = small_layers if preset == "small" else None
-        label = preset if preset != "small" or layers == 24 else f"small ({layers} of 24 layers)"
+        label = small_label(layers) if preset == "small" else preset
         if "train" in args.parts:
             B = args.train_batch or ((16 if preset == "toy" else 2) * (4 if cuda else 1))
             T = args.train_frames or (500 if cuda else 100)
@@ -646,9 +647,37 @@ def main(argv=None):
         return decode_scaling(base, small_layers, cuda, args.json)
     if args.decode_profile:
         return decode_profile(base, args.small_layers or 24, args.gen_frames or 50, args.json)
-    results = []
     t_start = time.perf_counter()
-    limit_runs = [run_child(dict(base, part="limits", side="ours"), timeout=600)]  # again at the end: VMs drift
+    results, limit_runs, limits = around_limits(base, lambda: run_cases(cases, rounds, cuda))
+    total = time.perf_counter() - t_start
+    peak = args.peak_tflops or _peak_tflops(machine) if cuda else None
+    table = render_table(results, cuda, peak, limits)
+    print(table)
+    print(f"total {total:.0f} s; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, device=args.device, torch=torch.__version__, threads=threads,
+                           load_before=load, load_after=os.getloadavg(), total_seconds=total, peak_tflops=peak,
+                           limit_runs=limit_runs, limits=limits, results=results, table=table),
+                      f, indent=1)
+        print(f"wrote {args.json}")
+
+
+def around_limits(base, work):
+    """-> (work(), the two limit measurements, the limits used). The limits are measured before and after the work
+    (a VM drifts), and the higher of the two counts: the stricter limit."""
+    runs = [run_child(dict(base, part="limits", side="ours"), timeout=600)]
+    out = work()
+    runs.append(run_child(dict(base, part="limits", side="ours"), timeout=600))
+    limits = {k: max(r[k] for r in runs) if k in ("peak_flops", "bandwidth", "read_bandwidth") else v
+              for k, v in runs[0].items()}
+    return out, runs, limits
+
+
+def run_cases(cases, rounds, cuda):
+    """The table's measurements: per case, `rounds` timing children per side, alternating, and on CPU one memory
+    child per side."""
+    results = []
     bar = tqdm(total=2 * len(cases) * (rounds + (not cuda)), desc="bench", unit="run", leave=False)
     for part, label, spec in cases:
         row = dict(part=part, config=label, spec=spec)
@@ -665,21 +694,7 @@ def main(argv=None):
                 bar.update(1)
         results.append(row)
     bar.close()
-    limit_runs.append(run_child(dict(base, part="limits", side="ours"), timeout=600))
-    limits = {k: max(r[k] for r in limit_runs) if k in ("peak_flops", "bandwidth", "read_bandwidth") else v
-              for k, v in limit_runs[0].items()}  # the higher of the two: the stricter limit
-    total = time.perf_counter() - t_start
-    peak = args.peak_tflops or _peak_tflops(machine) if cuda else None
-    table = render_table(results, cuda, peak, limits)
-    print(table)
-    print(f"total {total:.0f} s; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, device=args.device, torch=torch.__version__, threads=threads,
-                           load_before=load, load_after=os.getloadavg(), total_seconds=total, peak_tflops=peak,
-                           limit_runs=limit_runs, limits=limits, results=results, table=table),
-                      f, indent=1)
-        print(f"wrote {args.json}")
+    return results
 
 
 def kv_cache_bytes(cfg, batch, frames, itemsize=4):
@@ -693,21 +708,22 @@ def decode_scaling(base, layers, cuda, json_path=None):
     the weights once per step, over audio length (the KV cache grows; the step should stay near flat) and over
     batch (the weights are read once for all rows: tokens/s should grow almost linearly while bandwidth-bound)."""
     cfg = bench_lm_config("small", layers)
-    limit_runs = [run_child(dict(base, part="limits", side="ours"), timeout=600)]
     grid = [(1, 50), (1, 500), (1, 1500), (2, 500), (4, 500), (8, 500)]
-    rows = []
-    for B, T in tqdm(grid, desc="decode scaling", leave=False):
-        spec = dict(base, part="gen", preset="small", layers=layers, batch=B, frames=T, text_len=16,
-                    frame_rate=50.0, side="ours", warmup=0, repeats=1)
-        r = run_child(spec, timeout=1800)
-        if not cuda:
-            r["peak_mib"] = run_child(dict(spec, memory_only=True), timeout=1800)["peak_mib"]
-        rows.append((B, T, r))
-    limit_runs.append(run_child(dict(base, part="limits", side="ours"), timeout=600))
-    bw = max(r["bandwidth"] for r in limit_runs)
+
+    def measure():
+        rows = []
+        for B, T in tqdm(grid, desc="decode scaling", leave=False):
+            spec = dict(base, part="gen", preset="small", layers=layers, batch=B, frames=T, text_len=16,
+                        frame_rate=50.0, side="ours", warmup=0, repeats=1)
+            r = run_child(spec, timeout=1800)
+            if not cuda:
+                r["peak_mib"] = run_child(dict(spec, memory_only=True), timeout=1800)["peak_mib"]
+            rows.append((B, T, r))
+        return rows
+    rows, limit_runs, limits = around_limits(base, measure)
+    bw = limits["bandwidth"]
     bound = decode_weight_bytes(cfg) / bw
-    label = "small" if layers == 24 else f"small ({layers} of 24 layers)"
-    lines = [f"{label}, CFG 3, top-k 250; bound = {decode_weight_bytes(cfg) / 1e6:,.0f} MB of weights per step / "
+    lines = [f"{small_label(layers)}, CFG 3, top-k 250; bound = {decode_weight_bytes(cfg) / 1e6:,.0f} MB of weights per step / "
              f"{bw / 1e9:.1f} GB/s = {1e3 * bound:.2f} ms",
              "| batch | audio | ms / step | of bound | tokens/s | audio s/s | peak mem | KV cache (formula) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -720,22 +736,21 @@ def decode_scaling(base, layers, cuda, json_path=None):
     print(table)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(limits=limit_runs, rows=[dict(batch=B, frames=T, **r) for B, T, r in rows], table=table), f,
-                      indent=1)
+            json.dump(dict(limit_runs=limit_runs, limits=limits, rows=[dict(batch=B, frames=T, **r) for B, T, r in rows],
+                           table=table), f, indent=1)
     return table
 
 
 def decode_profile(base, layers, frames, json_path=None):
     """Runs case_profile between two measurements of the limits and prints it against the weight-streaming bound:
     how far removing everything but the matrix products could take the step, and how fast those products stream."""
-    limit_runs = [run_child(dict(base, part="limits", side="ours"), timeout=600)]
-    r = run_child(dict(base, part="profile", side="ours", preset="small", layers=layers, frames=frames), timeout=1800)
-    limit_runs.append(run_child(dict(base, part="limits", side="ours"), timeout=600))
-    table = render_profile(r, bench_lm_config("small", layers), max(x["bandwidth"] for x in limit_runs), frames)
+    r, limit_runs, limits = around_limits(base, lambda: run_child(
+        dict(base, part="profile", side="ours", preset="small", layers=layers, frames=frames), timeout=1800))
+    table = render_profile(r, bench_lm_config("small", layers), limits["bandwidth"], frames)
     print(table)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(limits=limit_runs, profile=r, table=table), f, indent=1)
+            json.dump(dict(limit_runs=limit_runs, limits=limits, profile=r, table=table), f, indent=1)
     return table
 
 
@@ -743,8 +758,7 @@ def render_profile(r, cfg, bw, frames):
     """case_profile's result against the weight-streaming bound at bandwidth `bw` (bytes/s), as markdown."""
     bound = decode_weight_bytes(cfg) / bw
     step, prod, read, gb = r["step_seconds"], r["products_seconds"], r["read_seconds"], r["weight_bytes"]
-    label = "small" if cfg.num_layers == 24 else f"small ({cfg.num_layers} of 24 layers)"
-    lines = [f"{label}, batch 1, CFG 3, top-k 250, {frames} frames: {1e3 * step:.1f} ms per step; bound "
+    lines = [f"{small_label(cfg.num_layers)}, batch 1, CFG 3, top-k 250, {frames} frames: {1e3 * step:.1f} ms per step; bound "
              f"{decode_weight_bytes(cfg) / 1e6:,.0f} MB / {bw / 1e9:.1f} GB/s = {1e3 * bound:.1f} ms: "
              f"**{bound / step:.2f} of bound**",
              "", "| op (torch.profiler, self time) | share of the step | calls per step |", "|---|---|---|"]
