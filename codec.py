@@ -40,9 +40,12 @@ class CodecConfig:  # defaults: MusicGen's 32 kHz EnCodec, PAPER.md "audiocraft:
     decay: float = 0.99  # EMA of the codebooks
     kmeans_iters: int = 50  # k-means init on the first training batch
     threshold_ema_dead_code: float = 2.0  # codes whose EMA count per batch falls below this are re-seeded
+    activation: str = "elu"  # "elu" (SEANet, audiocraft) or "snake" (periodic: see Snake)
 
     def __post_init__(self):
         self.ratios = tuple(int(r) for r in self.ratios)
+        if self.activation not in ("elu", "snake"):
+            raise ValueError(f"codec config activation {self.activation!r}: expected 'elu' or 'snake'")
 
 
 CODEC_PRESETS = {
@@ -50,17 +53,21 @@ CODEC_PRESETS = {
     "audiogen-16khz": CodecConfig(sample_rate=16000, ratios=(8, 5, 4, 2)),  # AudioGen's, hop 320
     # toy: 16 kHz, 50 Hz frames (hop 320) and K = 4 like the paper, sized for minutes on 2 CPU cores. Ratios in
     # the other order (the encoder strides by 8 first) halve the compute of (8, 5, 4, 2) at this width, and in our
-    # runs reached a better mel loss and SI-SNR per step; one LSTM layer.
-    "toy": CodecConfig(sample_rate=16000, ratios=(2, 4, 5, 8), n_filters=16, dimension=64, lstm=1, bins=256),
+    # runs reached a better mel loss and SI-SNR per step; one LSTM layer. Snake instead of ELU: with ELU the
+    # decoder learned the tones' harmonics (the sound type) too slowly for a CPU budget (RESULTS.md "Toy codec").
+    "toy": CodecConfig(sample_rate=16000, ratios=(2, 4, 5, 8), n_filters=16, dimension=64, lstm=1, bins=256,
+                       activation="snake"),
 }
-# Training defaults: audiocraft's recipe for the real presets (batch 64, 200 epochs x 2000 updates, with the
-# discriminator), a quick CPU recipe for the toy one (no discriminator: it would cost more than the codec itself).
-# harmonic_weight: the toy recipe's extra HarmonicSpecLoss term (0: audiocraft's recipe). Toy steps: round trips
-# keep the sound type in 47 / 63 / 76 % of valid clips after 800 / 1600 / 2400 steps (RESULTS.md "Toy codec");
-# 1600 keeps the main job near 16 minutes on 2 cores.
-TRAIN_DEFAULTS = {"musicgen-32khz": dict(steps=400_000, batch_size=64, adversarial=True, harmonic_weight=0.0),
-                  "audiogen-16khz": dict(steps=400_000, batch_size=64, adversarial=True, harmonic_weight=0.0),
-                  "toy": dict(steps=1600, batch_size=8, adversarial=False, harmonic_weight=0.0)}
+# Training defaults: audiocraft's recipe for the real presets (batch 64 x 1 s, 200 epochs x 2000 updates, with the
+# discriminator, mel n_fft 64..1024), a quick CPU recipe for the toy one (no discriminator: it would cost more than
+# the codec itself). harmonic_weight: the extra HarmonicSpecLoss term (0: audiocraft's recipe). loud_crops: each
+# crop is the louder half of a crop twice as long (the toy clips are ~75 % silence). Toy mel n_fft 256..2048: only
+# long windows resolve the harmonics of a 220 Hz tone. Each toy choice and its measurement: RESULTS.md "Toy codec".
+_PAPER = dict(steps=400_000, batch_size=64, segment_seconds=1.0, adversarial=True, harmonic_weight=0.0,
+              loud_crops=False, mel_n_ffts=(64, 128, 256, 512, 1024))
+TRAIN_DEFAULTS = {"musicgen-32khz": _PAPER, "audiogen-16khz": _PAPER,
+                  "toy": dict(steps=1600, batch_size=16, segment_seconds=0.5, adversarial=False, harmonic_weight=0.0,
+                              loud_crops=True, mel_n_ffts=(256, 512, 1024, 2048))}
 
 
 # ----------------------------------------------------------------------------------------------- SEANet
@@ -121,14 +128,31 @@ class SConvTr1d(nn.Module):
         return y[..., self.pad - self.pad // 2: y.shape[-1] - self.pad // 2]
 
 
+class Snake(nn.Module):
+    """x + sin²(αx) / α with a learned α per channel: an activation whose output is periodic in x, so stacks of
+    them make periodic waveforms -- tones and their harmonics -- easily (PAPER.md "Toy codec")."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x):  # (B, C, T)
+        return x + torch.sin(self.alpha * x).pow(2) / (self.alpha + 1e-9)
+
+
+def activation(cfg, channels):
+    return Snake(channels) if cfg.activation == "snake" else nn.ELU()
+
+
 class ResBlock(nn.Module):
     """SEANet residual block: ELU, conv k=3 (dilated) to dim // compress, ELU, conv k=1 back; true (identity) skip."""
 
     def __init__(self, dim, cfg, dilation):
         super().__init__()
         hidden = dim // cfg.compress
-        self.block = nn.Sequential(nn.ELU(), SConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation),
-                                   nn.ELU(), SConv1d(hidden, dim, 1))
+        self.block = nn.Sequential(activation(cfg, dim), SConv1d(dim, hidden, cfg.residual_kernel_size,
+                                                                 dilation=dilation),
+                                   activation(cfg, hidden), SConv1d(hidden, dim, 1))
 
     def forward(self, x):
         return x + self.block(x)
@@ -158,20 +182,20 @@ def encoder_layers(cfg):
     layers = [SConv1d(1, ch, cfg.kernel_size)]
     for r in reversed(cfg.ratios):
         layers += [ResBlock(ch, cfg, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)]
-        layers += [nn.ELU(), SConv1d(ch, 2 * ch, 2 * r, stride=r)]  # downsample by r, double the width
+        layers += [activation(cfg, ch), SConv1d(ch, 2 * ch, 2 * r, stride=r)]  # downsample by r, double the width
         ch *= 2
     layers += [LSTMSkip(ch, cfg.lstm)] if cfg.lstm else []
-    return layers + [nn.ELU(), SConv1d(ch, cfg.dimension, cfg.last_kernel_size)]
+    return layers + [activation(cfg, ch), SConv1d(ch, cfg.dimension, cfg.last_kernel_size)]
 
 
 def decoder_layers(cfg):
     ch = cfg.n_filters * 2 ** len(cfg.ratios)
     layers = [SConv1d(cfg.dimension, ch, cfg.kernel_size)] + ([LSTMSkip(ch, cfg.lstm)] if cfg.lstm else [])
     for r in cfg.ratios:
-        layers += [nn.ELU(), SConvTr1d(ch, ch // 2, 2 * r, stride=r)]
+        layers += [activation(cfg, ch), SConvTr1d(ch, ch // 2, 2 * r, stride=r)]
         ch //= 2
         layers += [ResBlock(ch, cfg, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)]
-    return layers + [nn.ELU(), SConv1d(ch, 1, cfg.last_kernel_size)]  # no final activation, as audiocraft
+    return layers + [activation(cfg, ch), SConv1d(ch, 1, cfg.last_kernel_size)]  # no final activation, as audiocraft
 
 
 # ----------------------------------------------------------------------------------------------- RVQ
@@ -395,7 +419,11 @@ def load_codec(path, device="cpu"):
     unknown = pkg["config"].keys() - {f.name for f in fields(CodecConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown codec config fields {sorted(unknown)}")
-    return _load_weights(EncodecModel(CodecConfig(**pkg["config"])), pkg["model"], path).to(device).eval()
+    try:
+        cfg = CodecConfig(**pkg["config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return _load_weights(EncodecModel(cfg), pkg["model"], path).to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -411,11 +439,11 @@ def mel_filterbank(sr, n_fft, n_mels, f_min, f_max=None, dtype=torch.float32):
 
 class MultiScaleMelLoss(nn.Module):
     """audiocraft's msspec loss (weight 2): for n_fft = 64 .. 1024 (hop n_fft / 4, 64 mels from 64 Hz,
-    window-normalized power STFT), L1 on the mel power plus MSE on log10(1e-5 + mel), averaged over the 10 terms."""
+    window-normalized power STFT), L1 on the mel power plus MSE on log10(1e-5 + mel), averaged over the terms."""
 
-    def __init__(self, sample_rate, n_mels=64, f_min=64.0, floor=1e-5):
+    def __init__(self, sample_rate, n_ffts=(64, 128, 256, 512, 1024), n_mels=64, f_min=64.0, floor=1e-5):
         super().__init__()
-        self.n_ffts, self.floor = [2 ** i for i in range(6, 11)], floor
+        self.n_ffts, self.floor = list(n_ffts), floor
         for n in self.n_ffts:
             self.register_buffer(f"fb{n}", mel_filterbank(sample_rate, n, n_mels, f_min), persistent=False)
             self.register_buffer(f"win{n}", torch.hann_window(n), persistent=False)
@@ -536,6 +564,13 @@ def si_snr(y, x, eps=1e-8):  # (..., N) -> (...) dB, scale-invariant SNR of esti
 LOSS_WEIGHTS = dict(l1=0.1, msspec=2.0, adv=4.0, feat=4.0)  # commitment (weight 1) is outside
 
 
+def loudest_window(wav, n, stride=160):  # (B, 1, N) -> (B, 1, n): each clip's n-sample window of most energy
+    c = F.pad(wav.pow(2).cumsum(-1), (1, 0))  # (B, 1, N + 1)
+    starts = torch.arange(0, wav.shape[-1] - n + 1, stride)
+    best = starts[(c[..., starts + n] - c[..., starts]).argmax(-1)]  # (B, 1)
+    return torch.stack([w[..., s:s + n] for w, s in zip(wav, best.flatten().tolist())])
+
+
 def _batch(ds, step, batch_size, seed):
     """Batch `step` of a seeded per-epoch shuffle: a function of (seed, step) only, so a resumed run sees the same
     data (the dataset's crops are a function of (seed, epoch, item))."""
@@ -559,28 +594,33 @@ def validate(model, ds, msspec, max_items=32, batch_size=16):  # mean l1, msspec
     return out
 
 
-def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=None, segment_seconds=1.0,
+def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=None, segment_seconds=None,
                 lr=3e-4, adversarial=None, resume=False, seed=0, device="cpu", eval_every=200, save_every=200,
                 threads=None, progress=True, harmonic_weight=None):
     """Train an EnCodec with audiocraft's recipe (PAPER.md "audiocraft: EnCodec and its training"): Adam 3e-4
     (0.5, 0.9), 1 s random crops, balanced L1 (0.1) + multi-scale mel (2) [+ MS-STFT discriminator: hinge
-    adversarial (4) + feature matching (4)], plus the commitment loss. Writes out/codec.pt ({"config",
-    "model", ...} for load_codec) and the resumable out/codec_state.pt; steps / batch_size / adversarial None take
-    TRAIN_DEFAULTS[preset]; threads: torch CPU threads while training (restored after). harmonic_weight (None: the
-    preset's) adds HarmonicSpecLoss to the balanced losses. resume=True on a finished run returns at once. Returns
-    codec.pt's path."""
+    adversarial (4) + feature matching (4)], plus the commitment loss; the toy preset departs from it as
+    TRAIN_DEFAULTS says. Writes out/codec.pt ({"config", "model", ...} for load_codec) and the resumable
+    out/codec_state.pt; steps / batch_size / segment_seconds / adversarial None take TRAIN_DEFAULTS[preset];
+    threads: torch CPU threads while training (restored after). harmonic_weight (None: the preset's) adds
+    HarmonicSpecLoss to the balanced losses. resume=True on a finished run returns at once. Returns codec.pt's
+    path."""
     if preset not in CODEC_PRESETS:
         raise ValueError(f"unknown codec preset {preset!r}; expected one of {sorted(CODEC_PRESETS)}")
     dflt = TRAIN_DEFAULTS[preset]
     steps, batch_size = steps or dflt["steps"], batch_size or dflt["batch_size"]
     adversarial = dflt["adversarial"] if adversarial is None else adversarial
     harmonic_weight = dflt["harmonic_weight"] if harmonic_weight is None else harmonic_weight
+    segment_seconds = segment_seconds or dflt["segment_seconds"]
+    loud_crops, mel_n_ffts = dflt["loud_crops"], dflt["mel_n_ffts"]
     cfg = replace(CODEC_PRESETS[preset])
     torch.manual_seed(seed)
     model = EncodecModel(cfg).to(device).train()
-    ds = data.AudioTextDataset(manifest, cfg.sample_rate, segment_seconds, random_crop=True, seed=seed)
+    crop = int(round(segment_seconds * cfg.sample_rate))
+    ds = data.AudioTextDataset(manifest, cfg.sample_rate, segment_seconds * (2 if loud_crops else 1),
+                               random_crop=True, seed=seed)
     vds = data.AudioTextDataset(valid, cfg.sample_rate, None, random_crop=False) if valid else None
-    msspec = MultiScaleMelLoss(cfg.sample_rate).to(device)
+    msspec = MultiScaleMelLoss(cfg.sample_rate, mel_n_ffts).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     disc = MSSTFTDiscriminator().to(device) if adversarial else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if adversarial else None
@@ -589,7 +629,8 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
     balancer = Balancer(dict(weights, harmonic=harmonic_weight) if harmonic else weights)
     ckpt_path, state_path = os.path.join(out, "codec.pt"), os.path.join(out, "codec_state.pt")
     run = dict(preset=preset, steps=steps, batch_size=batch_size, segment_seconds=segment_seconds, lr=lr,
-               adversarial=adversarial, harmonic_weight=harmonic_weight, seed=seed, manifest=os.path.abspath(manifest))
+               adversarial=adversarial, harmonic_weight=harmonic_weight, loud_crops=loud_crops, mel_n_ffts=mel_n_ffts,
+               seed=seed, manifest=os.path.abspath(manifest))
     start, elapsed, threads_before = 0, 0.0, torch.get_num_threads()
     torch.set_num_threads(threads or threads_before)
     if resume and os.path.exists(state_path):
@@ -610,7 +651,8 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
     pbar = tqdm(range(start, steps), initial=start, total=steps, desc="codec", disable=not progress)
     for step in pbar:
         t0 = time.time()
-        x = _batch(ds, step, batch_size, seed)["wav"].to(device)  # (B, 1, N)
+        x = _batch(ds, step, batch_size, seed)["wav"]  # (B, 1, N)
+        x = (loudest_window(x, crop) if loud_crops else x).to(device)
         y, codes, commit = model(x)
         logs = {}
         if disc is not None:  # the discriminator's step first, on this batch (audiocraft's order)
@@ -685,7 +727,7 @@ def main(argv=None):
     tr.add_argument("--out", required=True, help="output directory: codec.pt, codec_state.pt, codec_metrics.jsonl")
     tr.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     tr.add_argument("--batch-size", type=int, help="clips per step (default: the preset's)")
-    tr.add_argument("--segment-seconds", type=float, default=1.0, help="random crop length (audiocraft: 1 s)")
+    tr.add_argument("--segment-seconds", type=float, help="random crop length (default: the preset's; audiocraft: 1 s)")
     tr.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     tr.add_argument("--adversarial", action=argparse.BooleanOptionalAction, default=None,
                     help="MS-STFT discriminator losses (default: off for toy, on for the real presets)")

@@ -734,6 +734,43 @@ def test_adversarial_step_trains_the_discriminator(toy_manifests, tmp_path, monk
     assert st["disc"] and all(v["step"] == 2 for v in st["opt_d"]["state"].values())  # 2 discriminator updates
 
 
+def test_snake_activation_and_its_checkpoints(tmp_path):
+    act = codec_lib.Snake(3)
+    with torch.no_grad():
+        act.alpha.copy_(torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1))
+    x = torch.randn(2, 3, 50)
+    alpha = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1)
+    torch.testing.assert_close(act(x), x + torch.sin(alpha * x) ** 2 / alpha)
+    # periodic part: shifting the input by a period pi / alpha moves the output by the same shift, nothing else
+    torch.testing.assert_close(act(x + math.pi / alpha) - act(x), math.pi / alpha.expand_as(x), atol=1e-5, rtol=0)
+    cfg = replace(TINY, activation="snake")
+    model = codec_lib.EncodecModel(cfg)
+    names = [n for n, _ in model.named_parameters() if n.endswith("alpha")]
+    assert len(names) == 2 * (len(cfg.ratios) * 3 + 1)  # per stage: the resblock's two and the resampler's, + the last
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("alpha"):
+                p.uniform_(0.5, 2.0)  # not the init, so a load that dropped them would show
+    path = str(tmp_path / "snake.pt")
+    torch.save({"config": codec_lib.asdict(cfg), "model": model.state_dict()}, path)
+    wav, loaded = torch.randn(1, 1, 3200), codec_lib.load_codec(path)
+    torch.testing.assert_close(loaded.decode(model.eval().encode(wav)), model.decode(model.encode(wav)))
+    torch.save({"config": dict(codec_lib.asdict(cfg), activation="relu"), "model": model.state_dict()}, path)
+    with pytest.raises(ValueError, match=r"snake.pt: codec config activation 'relu': expected 'elu' or 'snake'"):
+        codec_lib.load_codec(path)
+
+
+def test_loudest_window_finds_the_event():
+    wav = torch.zeros(3, 1, 16000)
+    for i, at in enumerate((1000, 7000, 12000)):
+        wav[i, 0, at:at + 2000] = torch.randn(2000)
+    wav[1, 0, :8000] += 0.01  # a quiet bed does not outweigh the event
+    out = codec_lib.loudest_window(wav, 4000)
+    assert out.shape == (3, 1, 4000)
+    for i, at in enumerate((1000, 7000, 12000)):  # each window holds its clip's whole event
+        assert out[i].pow(2).sum() >= wav[i, 0, at:at + 2000].pow(2).sum()
+
+
 def test_cli_errors(toy_manifests, tmp_path):
     with pytest.raises(SystemExit, match="no such codec checkpoint"):
         codec_lib.main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--manifest", toy_manifests["test"]])
