@@ -62,11 +62,12 @@ CODEC_PRESETS = {
 # discriminator, mel n_fft 64..1024), a quick CPU recipe for the toy one (no discriminator: it would cost more than
 # the codec itself). harmonic_weight: the extra HarmonicSpecLoss term (0: audiocraft's recipe). loud_crops: each
 # crop is the louder half of a crop twice as long (the toy clips are ~75 % silence). Toy mel n_fft 256..2048: only
-# long windows resolve the harmonics of a 220 Hz tone. Each toy choice and its measurement: RESULTS.md "Toy codec".
+# long windows resolve the harmonics of a 220 Hz tone. Toy steps: 1200 keep the main job under ~18 minutes on 2
+# cores (a Snake step costs ~1.4x an ELU one there). Each toy choice and its measurement: RESULTS.md "Toy codec".
 _PAPER = dict(steps=400_000, batch_size=64, segment_seconds=1.0, adversarial=True, harmonic_weight=0.0,
               loud_crops=False, mel_n_ffts=(64, 128, 256, 512, 1024))
 TRAIN_DEFAULTS = {"musicgen-32khz": _PAPER, "audiogen-16khz": _PAPER,
-                  "toy": dict(steps=1600, batch_size=16, segment_seconds=0.5, adversarial=False, harmonic_weight=0.0,
+                  "toy": dict(steps=1200, batch_size=16, segment_seconds=0.5, adversarial=False, harmonic_weight=0.0,
                               loud_crops=True, mel_n_ffts=(256, 512, 1024, 2048))}
 
 
