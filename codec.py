@@ -131,7 +131,7 @@ class SConvTr1d(nn.Module):
 
 class Snake(nn.Module):
     """x + sin²(αx) / α with a learned α per channel: an activation whose output is periodic in x, so stacks of
-    them make periodic waveforms -- tones and their harmonics -- easily (PAPER.md "Toy codec")."""
+    them make periodic waveforms -- tones and their harmonics -- easily (BigVGAN, DAC; RESULTS.md "Toy codec")."""
 
     def __init__(self, channels):
         super().__init__()
