@@ -439,7 +439,7 @@ def mel_filterbank(sr, n_fft, n_mels, f_min, f_max=None, dtype=torch.float32):
 
 
 class MultiScaleMelLoss(nn.Module):
-    """audiocraft's msspec loss (weight 2): for n_fft = 64 .. 1024 (hop n_fft / 4, 64 mels from 64 Hz,
+    """audiocraft's msspec loss (weight 2): for n_fft = 64 .. 1024 by default (hop n_fft / 4, 64 mels from 64 Hz,
     window-normalized power STFT), L1 on the mel power plus MSE on log10(1e-5 + mel), averaged over the terms."""
 
     def __init__(self, sample_rate, n_ffts=(64, 128, 256, 512, 1024), n_mels=64, f_min=64.0, floor=1e-5):
@@ -749,7 +749,7 @@ def main(argv=None):
         p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy 2-core machine)")
     args = ap.parse_args(argv)
     try:
-        for name in ("steps", "batch_size", "eval_every", "save_every", "max_items", "threads"):
+        for name in ("steps", "batch_size", "segment_seconds", "eval_every", "save_every", "max_items", "threads"):
             if getattr(args, name, None) is not None and getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if getattr(args, "harmonic_weight", None) is not None and not args.harmonic_weight >= 0:
