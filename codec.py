@@ -62,13 +62,15 @@ CODEC_PRESETS = {
 # discriminator, mel n_fft 64..1024), a quick CPU recipe for the toy one (no discriminator: it would cost more than
 # the codec itself). harmonic_weight: the extra HarmonicSpecLoss term (0: audiocraft's recipe). loud_crops: each
 # crop is the louder half of a crop twice as long (the toy clips are ~75 % silence). Toy mel n_fft 256..2048: only
-# long windows resolve the harmonics of a 220 Hz tone. Toy steps: 1200 keep the main job under ~18 minutes on 2
-# cores (a Snake step costs ~1.4x an ELU one there). Each toy choice and its measurement: RESULTS.md "Toy codec".
+# long windows resolve the harmonics of a 220 Hz tone. Toy L1 weight 0.2 (audiocraft: 0.1): the waveform term keeps
+# a tone's period where the mel term alone let some tones come back with a subharmonic buzz that sounds like noise.
+# Toy steps: 1200 keep the main job under ~18 minutes on 2 cores (a Snake step costs ~1.4x an ELU one there). Each
+# toy choice and its measurement: RESULTS.md "Toy codec".
 _PAPER = dict(steps=400_000, batch_size=64, segment_seconds=1.0, adversarial=True, harmonic_weight=0.0,
-              loud_crops=False, mel_n_ffts=(64, 128, 256, 512, 1024))
+              loud_crops=False, mel_n_ffts=(64, 128, 256, 512, 1024), l1_weight=0.1)
 TRAIN_DEFAULTS = {"musicgen-32khz": _PAPER, "audiogen-16khz": _PAPER,
                   "toy": dict(steps=1200, batch_size=16, segment_seconds=0.5, adversarial=False, harmonic_weight=0.0,
-                              loud_crops=True, mel_n_ffts=(256, 512, 1024, 2048))}
+                              loud_crops=True, mel_n_ffts=(256, 512, 1024, 2048), l1_weight=0.2)}
 
 
 # ----------------------------------------------------------------------------------------------- SEANet
@@ -562,7 +564,7 @@ def si_snr(y, x, eps=1e-8):  # (..., N) -> (...) dB, scale-invariant SNR of esti
 
 
 # ----------------------------------------------------------------------------------------------- training
-LOSS_WEIGHTS = dict(l1=0.1, msspec=2.0, adv=4.0, feat=4.0)  # commitment (weight 1) is outside
+LOSS_WEIGHTS = dict(msspec=2.0, adv=4.0, feat=4.0)  # + l1 (TRAIN_DEFAULTS); commitment (weight 1) is outside
 
 
 def loudest_window(wav, n, stride=160):  # (B, 1, N) -> (B, 1, n): each clip's n-sample window of most energy
@@ -625,13 +627,14 @@ def train_codec(manifest, out, valid=None, preset="toy", steps=None, batch_size=
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     disc = MSSTFTDiscriminator().to(device) if adversarial else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9)) if adversarial else None
-    weights = {k: w for k, w in LOSS_WEIGHTS.items() if adversarial or k in ("l1", "msspec")}
+    weights = dict(LOSS_WEIGHTS, l1=dflt["l1_weight"])
+    weights = {k: w for k, w in weights.items() if adversarial or k in ("l1", "msspec")}
     harmonic = HarmonicSpecLoss().to(device) if harmonic_weight > 0 else None
     balancer = Balancer(dict(weights, harmonic=harmonic_weight) if harmonic else weights)
     ckpt_path, state_path = os.path.join(out, "codec.pt"), os.path.join(out, "codec_state.pt")
     run = dict(preset=preset, steps=steps, batch_size=batch_size, segment_seconds=segment_seconds, lr=lr,
                adversarial=adversarial, harmonic_weight=harmonic_weight, loud_crops=loud_crops, mel_n_ffts=mel_n_ffts,
-               seed=seed, manifest=os.path.abspath(manifest))
+               l1_weight=dflt["l1_weight"], seed=seed, manifest=os.path.abspath(manifest))
     start, elapsed, threads_before = 0, 0.0, torch.get_num_threads()
     torch.set_num_threads(threads or threads_before)
     if resume and os.path.exists(state_path):
