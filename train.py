@@ -125,7 +125,8 @@ class TrainConfig:  # defaults: the paper's setup for sound (PAPER.md §4.2); PR
     samples: int = flag(0, "after training, write samples for the first N test prompts into RUN/samples (toy)",
                         resume_free=True)
     device: str = flag("", "cpu or cuda (default: cuda:LOCAL_RANK when available)", resume_free=True)
-    threads: int = flag(0, "torch CPU threads per process (0: torch's default)", resume_free=True)
+    threads: int = flag(0, "torch CPU threads per process for the LM (0: torch's default; the toy codec always "
+                        "uses the default)", resume_free=True)
     pg_timeout_minutes: float = flag(10.0, "process-group timeout: a hung rank stops the others after this long "
                                      "(gloo's default is 30)", resume_free=True)
     verify: bool = flag(True, "check the SHA-256 of every checkpoint and cache file on load (--no-verify: skip; "
@@ -138,7 +139,7 @@ PRESETS = {
     # CFG 3 the toy LM overshoots the asked count, because its unconditional branch centres on two events.
     "toy": dict(run_dir="runs/toy", lm_preset="toy", meta_init=False, segment_seconds=2.0, steps=1500, warmup=100,
                 lr=2e-3, global_batch=16, ema_every=1, cfg_prob=0.1, eval_every=500, save_every=250, samples=6,
-                threads=1,  # toy ops are too small to split; spinning threads collapse on shared cores
+                threads=1,  # the toy LM's ops are too small to split; spinning threads collapse on shared cores
                 sample_cfg_coef=1.5, sample_top_k=8),
     # PAPER.md §4.2; CFG fractions: PAPER.md "audiocraft: CFG dropout"
     "audiogen-16khz": dict(run_dir="runs/audiogen-16khz", segment_seconds=10.0, cfg_prob=0.1),
@@ -784,10 +785,10 @@ def run(cfg):
         except ValueError as e:
             raise SystemExit(f"train.py: error: {e}")
         released = released_lm(cfg, rank) if cfg.init_musicgen else None
-        if cfg.threads:  # before the toy codec trains too
-            torch.set_num_threads(cfg.threads)
-        if cfg.preset == "toy":
+        if cfg.preset == "toy":  # with torch's default threads: the codec's convolutions use every core (2x on 2)
             prepare_toy(cfg, rank)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         try:
             codec = codec_lib.load_codec(cfg.codec, device=device)
             t5 = text_encoder.load_t5(cfg.t5, device=device)
